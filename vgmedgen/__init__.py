@@ -1,0 +1,1 @@
+"""vgmedgen: train VG-MedGen on Ray and augment medical datasets with it."""

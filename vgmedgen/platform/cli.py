@@ -1,0 +1,62 @@
+"""What every job script shares: ``--config FILE`` plus dotted overrides, and clean user errors.
+
+A job is ``python jobs/<name>.py --config configs/x.yaml [dotted.path=value ...]``. User errors
+(a config typo, a missing dataset, an unreachable cluster) print one message and exit with
+status 2, without a stack trace from deep inside a library; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from vgmedgen.model.configbase import ConfigError
+from vgmedgen.platform.config import ExperimentConfig, load_experiment
+
+__all__ = ["job_parser", "load_from_args", "run_job"]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from vgmedgen.platform.cluster import ClusterError
+    from vgmedgen.platform.datasets.common import CorruptInputError, DatasetError
+    from vgmedgen.platform.prepare import PrepareError
+    from vgmedgen.platform.records import RecordError
+
+    return (ConfigError, ClusterError, DatasetError, CorruptInputError, PrepareError, RecordError, FileNotFoundError)
+
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every job takes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", help="experiment YAML (see configs/); defaults apply when omitted")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="path=value", help="dotted config overrides, e.g. data.resolution=32"
+    )
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--fresh", action="store_true", help="start anew instead of reusing or resuming earlier output")
+    parser.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The validated experiment config named by the parsed arguments."""
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return load_experiment(args.config, args.overrides)
+
+
+def run_job(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a job's ``main``; user errors become one message on stderr and exit status 2."""
+    try:
+        return int(main(argv) or 0)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
