@@ -93,13 +93,12 @@ def _chunk_records(payload: dict[str, Any], data: PrepareConfig) -> tuple[list[d
     from vgmedgen.platform.datasets.process import process_item
 
     for raw in payload["items"]:
-        item = SourceItem(**{**raw, "mask_paths": tuple(raw["mask_paths"])})
+        item = SourceItem.from_row(raw)
         try:
             rec = process_item(item, data.resolution, data.resize)
         except CorruptInputError as exc:
             errors.append({"id": item.id, "path": item.source, "error": str(exc)})
             continue
-        rec["attributes"] = {**rec["attributes"], "_official_split": item.official_split}
         records.append(rec)
     return records, errors
 
@@ -112,7 +111,7 @@ def _process_chunk(batch: dict[str, Any], data_json: str, stage_dir: str) -> dic
         records, errors = _chunk_records(json.loads(payload_json), data)
         for rec in records:
             attrs = rec["attributes"]
-            official = attrs.pop("_official_split", None) if isinstance(attrs, dict) else None
+            official = attrs.get("official_split") if isinstance(attrs, dict) else None
             out["status"].append("ok")
             out["id"].append(rec["id"])
             out["group"].append(rec["group"])
@@ -148,15 +147,13 @@ def _plan_chunks(data: PrepareConfig) -> list[dict[str, Any]]:
         return [{"kind": "synthderm", "start": s, "stop": min(s + step, n)} for s in range(0, n, step)]
     from vgmedgen.platform.datasets.common import read_source_items
 
-    items = read_source_items(data.dataset, data.root, data.reader)
+    root = data.root
+    if root is None and data.reader.csv_file is not None:  # a user CSV: paths are relative to its folder
+        root = data.reader.csv_file.parent
+    items = read_source_items(data.dataset, root, data.reader)
     if not items:
-        raise PrepareError(f"No images found for dataset '{data.dataset}' under {data.root}")
-    rows = []
-    for item in items:
-        d = asdict(item)
-        d["mask_paths"] = list(d["mask_paths"])
-        d["metadata"] = dict(d["metadata"])
-        rows.append(d)
+        raise PrepareError(f"No images found for dataset '{data.dataset}' under {root}")
+    rows = [item.to_row() for item in items]
     step = data.items_per_task
     return [{"kind": "items", "items": rows[s : s + step]} for s in range(0, len(rows), step)]
 

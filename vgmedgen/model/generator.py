@@ -1,0 +1,807 @@
+"""The VG-MedGen generator: PixArt-alpha DiT + HFFM + LoRA (shared/METHOD.md, "Stage 3").
+
+VG-MedGen (Huang et al., arXiv 2603.10519; reference code hx111/VG-MedGen) conditions
+PixArt-alpha (Chen et al., arXiv 2310.00426; diffusers ``PixArtTransformer2DModel``) on an
+anatomy vector ``t_a`` and a style vector ``t_s`` instead of a T5 caption. This module holds the
+generator's typed config and presets, the backbone wrapper (stock diffusers module + diffusers'
+adapter API), and :class:`Generator`, which ties backbone, HFFM (``hffm.py``), LoRA
+(``lora.py``), the noise schedule and the optional frozen VAE (``autoencoder.py``) together and
+computes the training loss terms (``diffusion_losses.py``). Sampling lives in ``sampler.py``.
+
+Backbone modes: ``init: pretrained | scratch`` x ``train: lora | full``. LoRA on a randomly
+initialised frozen base learns nothing, so ``scratch + lora`` is rejected.
+
+Shape legend: N batch, C diffused channels (3 in pixel space, 4 latent), H/W size of the diffused
+sample, A anatomy width, S style width, L caption tokens, B BERT width, D backbone width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import PixArtTransformer2DModel
+from diffusers.loaders import PeftAdapterMixin
+from pydantic import Field, model_validator
+from torch import nn
+
+from vgmedgen.model.autoencoder import FrozenAutoencoder, resolve_component_dir
+from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config, choose_preset
+from vgmedgen.model.diffusion_losses import (
+    add_noise,
+    colour_distribution_loss,
+    epsilon_mse,
+    predict_x0,
+    split_learned_sigma,
+)
+from vgmedgen.model.hffm import HFFM, HFFMConfig
+from vgmedgen.model.lora import LORA_ADAPTER_NAME, LORA_WEIGHT_NAME, LoraSettings, apply_lora, lora_module_names
+
+__all__ = [
+    "GENERATOR_PRESETS",
+    "BackboneConfig",
+    "ColourLossConfig",
+    "ConditioningConfig",
+    "Generator",
+    "GeneratorConfig",
+    "NoiseScheduleConfig",
+    "PixArtBackbone",
+    "build_generator",
+    "build_generator_config",
+    "pixart_reference_init",
+]
+
+PIXEL_CHANNELS = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+class BackboneConfig(StrictConfig):
+    """``PixArtTransformer2DModel`` architecture (the diffusers constructor's names).
+
+    Attributes:
+        sample_size: side of the diffused sample (latent side with a VAE, image side without).
+        patch_size: patch side; the transformer sees ``(sample_size / patch_size)^2`` tokens.
+        num_layers: transformer blocks.
+        num_attention_heads: heads per attention.
+        attention_head_dim: width per head; the backbone width is ``heads * head_dim``.
+        in_channels: channels of the diffused sample (3 in pixel space, the VAE's latent channels).
+        learned_sigma: the output has ``2 * in_channels`` channels (epsilon, then a variance
+            that this project does not train, as the reference); only the first half is used.
+        caption_channels: width of the caption tokens entering PixArt's caption projection
+            (4096, T5's width, for the pretrained checkpoint).
+        dropout: dropout inside the blocks.
+        norm_eps: LayerNorm epsilon.
+        activation_fn: feed-forward activation.
+        interpolation_scale: position-embedding scale (diffusers default: ``max(sample_size // 64, 1)``).
+    """
+
+    sample_size: int = Field(ge=1)
+    patch_size: int = Field(ge=1)
+    num_layers: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    attention_head_dim: int = Field(ge=1)
+    in_channels: int = Field(ge=1)
+    learned_sigma: bool = False
+    caption_channels: int = Field(ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm_eps: float = Field(1e-6, gt=0)
+    activation_fn: str = "gelu-approximate"
+    interpolation_scale: int | None = None
+
+    @property
+    def inner_dim(self) -> int:
+        """Backbone width D."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels (doubled with learned sigma)."""
+        return 2 * self.in_channels if self.learned_sigma else self.in_channels
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        if self.sample_size % self.patch_size:
+            raise ValueError(
+                f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}; "
+                "choose sizes so that sample_size / patch_size is an integer"
+            )
+        return self
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``PixArtTransformer2DModel(**kwargs)``."""
+        return {
+            "num_attention_heads": self.num_attention_heads,
+            "attention_head_dim": self.attention_head_dim,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.num_layers,
+            "dropout": self.dropout,
+            "cross_attention_dim": self.inner_dim,
+            "sample_size": self.sample_size,
+            "patch_size": self.patch_size,
+            "activation_fn": self.activation_fn,
+            "norm_eps": self.norm_eps,
+            "interpolation_scale": self.interpolation_scale,
+            # Resolution/aspect micro-conditions exist only in the 1024-px checkpoints; we pass None.
+            "use_additional_conditions": False,
+            "caption_channels": self.caption_channels,
+        }
+
+
+class NoiseScheduleConfig(StrictConfig):
+    """DDPM noise schedule shared by training and the DPM-Solver++ sampler (PixArt-alpha's)."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for diffusers schedulers (``DDPMScheduler``, ``DPMSolverMultistepScheduler``)."""
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_schedule": self.beta_schedule,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+        }
+
+
+class ConditioningConfig(StrictConfig):
+    """Condition dropout (classifier-free guidance training) and the condition source.
+
+    One uniform draw per sample picks: whole condition dropped (``drop_all``), anatomy alone
+    dropped (``drop_anatomy``), style alone dropped (``drop_style``), or nothing dropped.
+
+    Attributes:
+        drop_all: probability that both streams become their learned nulls.
+        drop_anatomy: probability that the anatomy stream alone becomes null.
+        drop_style: probability that the style stream alone becomes null.
+        condition_source: probability that a sample is conditioned on the image's own visual
+            priors instead of the text heads' (t_a, t_s) (0.5 in ours, 0 in the reference).
+    """
+
+    drop_all: float = Field(0.1, ge=0.0, le=1.0)
+    drop_anatomy: float = Field(0.1, ge=0.0, le=1.0)
+    drop_style: float = Field(0.1, ge=0.0, le=1.0)
+    condition_source: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ConditioningConfig:
+        total = self.drop_all + self.drop_anatomy + self.drop_style
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                f"drop_all + drop_anatomy + drop_style = {total:.3f} > 1; they are exclusive events, "
+                "lower them so that they sum to at most 1"
+            )
+        return self
+
+
+class ColourLossConfig(StrictConfig):
+    """The colour distribution loss on the differentiable one-step clean estimate.
+
+    Attributes:
+        weight: weight of the loss in the total (0 turns it off).
+        t_min: smallest timestep (inclusive) at which it is applied.
+        t_max: largest timestep (inclusive): at high noise ``x0_hat`` is unreliable.
+        every_k: apply it on steps where ``step % every_k == 0``.
+        decode_max_images: with a VAE, decode at most this many in-range images per step.
+        latent_crop: with a VAE, decode a random ``latent_crop x latent_crop`` latent window
+            instead of the whole latent (None: whole latent).
+    """
+
+    weight: float = Field(0.05, ge=0.0)
+    t_min: int = Field(0, ge=0)
+    t_max: int = Field(500, ge=0)
+    every_k: int = Field(1, ge=1)
+    decode_max_images: int = Field(2, ge=1)
+    latent_crop: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ColourLossConfig:
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min {self.t_min} > t_max {self.t_max}; the timestep range is empty")
+        return self
+
+
+class GeneratorConfig(StrictConfig):
+    """Everything that defines the generator (stage 3) and how it trains.
+
+    Attributes:
+        backbone: the PixArt transformer's architecture.
+        init: ``pretrained`` (load ``pretrained_dir``) or ``scratch`` (PixArt's own random init).
+        train: ``lora`` (adapters + HFFM train) or ``full`` (backbone + HFFM train).
+        pretrained_dir: a local diffusers pipeline dir (transformer in ``transformer/``) or the
+            transformer dir itself; required with ``init='pretrained'``.
+        vae_dir: a local pipeline dir (``vae/``) or VAE dir; None = pixel-space diffusion.
+        hffm: the fusion of the anatomy and style streams.
+        conditioning: condition dropout and condition source.
+        lora: LoRA settings (``train='lora'``).
+        schedule: the DDPM noise schedule.
+        colour: the colour distribution loss.
+        ema_decay: decay of the EMA of the trained parameters (sampled from).
+        gradient_checkpointing: recompute block activations in backward (saves memory on GPU).
+        dtype: ``float32``, or ``bfloat16`` (CUDA only: frozen weights stored in bf16, trained
+            weights kept in fp32, forward under autocast).
+    """
+
+    backbone: BackboneConfig
+    init: Literal["pretrained", "scratch"] = "scratch"
+    train: Literal["lora", "full"] = "full"
+    pretrained_dir: Path | None = None
+    vae_dir: Path | None = None
+    hffm: HFFMConfig = HFFMConfig()
+    conditioning: ConditioningConfig = ConditioningConfig()
+    lora: LoraSettings = LoraSettings()
+    schedule: NoiseScheduleConfig = NoiseScheduleConfig()
+    colour: ColourLossConfig = ColourLossConfig()
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> GeneratorConfig:
+        if self.init == "scratch" and self.train == "lora":
+            raise ValueError(
+                "init='scratch' with train='lora' would train adapters on a random frozen base, which "
+                "learns nothing; use train='full' for scratch, or init='pretrained' with pretrained_dir"
+            )
+        if self.init == "pretrained" and self.pretrained_dir is None:
+            raise ValueError(
+                "init='pretrained' needs pretrained_dir: a local PixArt pipeline directory (with "
+                "'transformer/') or the transformer directory itself; or use init='scratch'"
+            )
+        if self.vae_dir is None and self.backbone.in_channels != PIXEL_CHANNELS:
+            raise ValueError(
+                f"without vae_dir the generator diffuses RGB pixels, so backbone.in_channels must be "
+                f"{PIXEL_CHANNELS} (got {self.backbone.in_channels}); set vae_dir to diffuse VAE latents"
+            )
+        if self.colour.t_max >= self.schedule.num_train_timesteps:
+            raise ValueError(
+                f"colour.t_max {self.colour.t_max} must be below schedule.num_train_timesteps "
+                f"{self.schedule.num_train_timesteps}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (overrides of GeneratorConfig; merge more overrides with build_generator_config)
+# --------------------------------------------------------------------------------------------
+
+GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: a forward+backward in milliseconds on one CPU core.
+    "tiny": {
+        "backbone": {
+            "sample_size": 16,
+            "patch_size": 2,
+            "num_layers": 2,
+            "num_attention_heads": 2,
+            "attention_head_dim": 8,
+            "in_channels": 3,
+            "caption_channels": 32,
+        },
+        "hffm": {"hidden_dim": 32, "tokens_per_stream": 2, "branch_width": 16, "text_width": 32},
+        "ema_decay": 0.99,
+    },
+    # CPU demo in pixel space: 32x32 images, PixArt of width 128 (4 heads of 32), 6 blocks,
+    # patch 4 (64 image tokens). About 1.4 M backbone parameters; see benchmarks/dit_step_time.py.
+    "demo": {
+        "backbone": {
+            "sample_size": 32,
+            "patch_size": 4,
+            "num_layers": 6,
+            "num_attention_heads": 4,
+            "attention_head_dim": 32,
+            "in_channels": 3,
+            "caption_channels": 128,
+        },
+        "hffm": {"hidden_dim": 128, "tokens_per_stream": 2, "branch_width": 32, "text_width": 128},
+        "ema_decay": 0.995,
+    },
+    # The paper's setting: PixArt-XL-2-512x512 (28 blocks, width 1152 = 16 x 72, patch 2,
+    # learned sigma) + LoRA r=8, bf16 with gradient checkpointing on GPU. pretrained_dir and
+    # vae_dir (e.g. both the local PixArt-XL-2-512x512 pipeline directory) must be given.
+    "pixart-512": {
+        "backbone": {
+            "sample_size": 64,
+            "patch_size": 2,
+            "num_layers": 28,
+            "num_attention_heads": 16,
+            "attention_head_dim": 72,
+            "in_channels": 4,
+            "learned_sigma": True,
+            "caption_channels": 4096,
+        },
+        "init": "pretrained",
+        "train": "lora",
+        "hffm": {"tokens_per_stream": 4, "branch_width": 64},
+        "colour": {"every_k": 4, "decode_max_images": 2, "latent_crop": 32},
+        "gradient_checkpointing": True,
+        "dtype": "bfloat16",
+    },
+}
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def build_generator_config(preset: str, overrides: Mapping[str, Any] | None = None) -> GeneratorConfig:
+    """A preset from :data:`GENERATOR_PRESETS`, deep-merged with ``overrides``, validated.
+
+    Args:
+        preset: ``tiny``, ``demo`` or ``pixart-512``.
+        overrides: nested dict of fields to change, e.g. ``{"hffm": {"mode": "tokens"}}``.
+
+    Raises:
+        ConfigError: unknown preset or invalid values (the message names the field and the fix).
+    """
+    base = choose_preset(GENERATOR_PRESETS, preset, "generator")
+    return build_config(GeneratorConfig, _deep_merge(base, overrides or {}), where=f"generator preset '{preset}'")
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------
+
+
+class PixArtBackbone(PixArtTransformer2DModel, PeftAdapterMixin):
+    """diffusers' ``PixArtTransformer2DModel`` plus diffusers' adapter API.
+
+    In diffusers 0.42.1 ``PixArtTransformer2DModel`` lacks ``PeftAdapterMixin``; mixing it in
+    adds ``add_adapter``, ``save_lora_adapter``, ``load_lora_adapter``, ``fuse_lora`` without
+    changing a parameter name or the forward.
+    """
+
+
+def pixart_reference_init(backbone: PixArtTransformer2DModel) -> None:
+    """PixArt-alpha's own initialisation (``PixArt.initialize_weights``) for scratch training.
+
+    Xavier-uniform linears with zero bias; the patch embedding initialised like a linear layer;
+    N(0, 0.02) for the timestep embedder, the adaLN-single projection and the caption projection;
+    zero cross-attention output projections and a zero final projection, so that every block
+    starts as an identity on the cross-attention path and the network starts by predicting zero
+    noise (as DiT).
+    """
+
+    def _basic(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    backbone.apply(_basic)
+    w = backbone.pos_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(backbone.pos_embed.proj.bias)
+    temb = backbone.adaln_single.emb.timestep_embedder
+    nn.init.normal_(temb.linear_1.weight, std=0.02)
+    nn.init.normal_(temb.linear_2.weight, std=0.02)
+    nn.init.normal_(backbone.adaln_single.linear.weight, std=0.02)
+    if backbone.caption_projection is not None:
+        nn.init.normal_(backbone.caption_projection.linear_1.weight, std=0.02)
+        nn.init.normal_(backbone.caption_projection.linear_2.weight, std=0.02)
+    for block in backbone.transformer_blocks:
+        # Zero cross-attention output: a block starts by ignoring the condition.
+        nn.init.zeros_(block.attn2.to_out[0].weight)
+        nn.init.zeros_(block.attn2.to_out[0].bias)
+    # Zero final layer: the initial prediction is 0, the mean of the target noise.
+    nn.init.zeros_(backbone.proj_out.weight)
+    nn.init.zeros_(backbone.proj_out.bias)
+
+
+def _load_backbone(cfg: GeneratorConfig) -> PixArtBackbone:
+    """Load the pretrained transformer from ``cfg.pretrained_dir`` and check its architecture."""
+    if cfg.pretrained_dir is None:  # the config validator already rejects this
+        raise ConfigError("generator.pretrained_dir is required with init='pretrained'")
+    root, subfolder = resolve_component_dir(
+        cfg.pretrained_dir, "transformer", "PixArt transformer", "generator.pretrained_dir"
+    )
+    backbone = PixArtBackbone.from_pretrained(
+        root, subfolder=subfolder, torch_dtype=torch.float32, local_files_only=True
+    )
+    want = cfg.backbone.diffusers_kwargs()
+    mismatched = {
+        k: (backbone.config.get(k), v)
+        for k, v in want.items()
+        if k not in ("dropout", "interpolation_scale", "use_additional_conditions")
+        and backbone.config.get(k) != v
+    }
+    if mismatched:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
+        raise ConfigError(
+            f"the transformer in '{cfg.pretrained_dir}' does not match generator.backbone ({detail}); "
+            "set generator.backbone to the checkpoint's architecture (e.g. the 'pixart-512' preset)"
+        )
+    return backbone
+
+
+def _build_backbone(cfg: GeneratorConfig, *, load_weights: bool) -> PixArtBackbone:
+    if cfg.init == "pretrained" and load_weights:
+        return _load_backbone(cfg)
+    backbone = PixArtBackbone(**cfg.backbone.diffusers_kwargs())
+    if cfg.init == "scratch":
+        pixart_reference_init(backbone)
+    return backbone
+
+
+def _build_vae(cfg: GeneratorConfig, *, load_weights: bool) -> FrozenAutoencoder | None:
+    if cfg.vae_dir is None:
+        return None
+    vae = FrozenAutoencoder.from_dir(cfg.vae_dir) if load_weights else FrozenAutoencoder.from_config()
+    if vae.latent_channels != cfg.backbone.in_channels:
+        raise ConfigError(
+            f"the VAE in '{cfg.vae_dir}' has {vae.latent_channels} latent channels but "
+            f"generator.backbone.in_channels is {cfg.backbone.in_channels}; make them equal"
+        )
+    return vae
+
+
+def build_generator(cfg: GeneratorConfig, *, load_weights: bool = True) -> Generator:
+    """Build the generator described by ``cfg``.
+
+    Args:
+        cfg: the generator config.
+        load_weights: load the pretrained transformer and the VAE from their directories. False
+            builds the same architecture with random weights (parameter counts under
+            ``torch.device("meta")``, GPU smoke tests) and never touches the disk.
+
+    Raises:
+        ComponentNotFoundError: a configured directory does not exist or holds no model (the
+            message names the path).
+        ConfigError: the checkpoint's architecture disagrees with ``cfg.backbone``.
+    """
+    backbone = _build_backbone(cfg, load_weights=load_weights)
+    vae = _build_vae(cfg, load_weights=load_weights)
+    return Generator(cfg, backbone, vae)
+
+
+# --------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------
+
+
+class Generator(nn.Module):
+    """PixArt backbone + HFFM (+ LoRA) (+ frozen VAE): predicts noise from (t_a, t_s).
+
+    Args:
+        cfg: the generator config.
+        backbone: the transformer (pretrained or random), stock diffusers parameter names.
+        vae: the frozen autoencoder in latent space, None in pixel space.
+
+    Attributes:
+        backbone: the diffusers transformer (LoRA adapters injected in ``lora`` mode).
+        hffm: the fusion module (all HFFM parameters; they always train).
+        vae: the frozen autoencoder or None.
+        lora_modules: names of the backbone modules that carry adapters (empty in ``full`` mode).
+    """
+
+    alphas_cumprod: torch.Tensor
+
+    def __init__(self, cfg: GeneratorConfig, backbone: PixArtBackbone, vae: FrozenAutoencoder | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.vae = vae
+        bb = cfg.backbone
+        self.hffm = HFFM(
+            cfg.hffm, caption_channels=bb.caption_channels, inner_dim=bb.inner_dim, num_layers=bb.num_layers
+        )
+        self.hffm.attach(backbone)
+        if cfg.train == "lora":
+            self.lora_modules = apply_lora(backbone, cfg.lora)
+        else:
+            self.lora_modules = []
+            backbone.requires_grad_(True)
+        self.hffm.requires_grad_(True)
+        if vae is not None:
+            vae.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
+        from diffusers import DDPMScheduler
+
+        alphas = DDPMScheduler(**cfg.schedule.scheduler_kwargs()).alphas_cumprod.float()
+        self.register_buffer("alphas_cumprod", alphas, persistent=False)  # (T,)
+        self.compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        if self.compute_dtype != torch.float32:
+            # Frozen weights in bf16 (memory), trained ones in fp32 (optimizer precision).
+            for p in self.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(self.compute_dtype)
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    @property
+    def in_channels(self) -> int:
+        """Channels C of the diffused sample."""
+        return self.cfg.backbone.in_channels
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per diffused-sample pixel (the VAE's factor, 1 in pixel space)."""
+        return 1 if self.vae is None else self.vae.scale_factor
+
+    @property
+    def image_size(self) -> int:
+        """Native image side in pixels."""
+        return self.cfg.backbone.sample_size * self.downscale
+
+    def sample_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+        """(C, H, W) of the diffused sample for a square image of ``image_size`` pixels."""
+        size = self.image_size if image_size is None else image_size
+        unit = self.downscale * self.cfg.backbone.patch_size
+        if size % unit:
+            raise ValueError(f"image size {size} must be a multiple of {unit} (VAE factor x patch size)")
+        side = size // self.downscale
+        return (self.in_channels, side, side)
+
+    # ---- parameters --------------------------------------------------------------------------
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters the optimiser updates (LoRA or backbone, plus HFFM)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts: backbone (without adapters), lora, hffm, vae, trainable."""
+        lora = sum(p.numel() for n, p in self.backbone.named_parameters() if ".lora_" in n)
+        backbone = sum(p.numel() for p in self.backbone.parameters()) - lora
+        return {
+            "backbone": backbone,
+            "lora": lora,
+            "hffm": self.hffm.num_parameters(),
+            "vae": 0 if self.vae is None else sum(p.numel() for p in self.vae.parameters()),
+            "trainable": sum(p.numel() for _, p in self.named_trainable_parameters()),
+        }
+
+    def save_lora_adapter(self, directory: Path) -> None:
+        """Save the LoRA adapter with diffusers' ``save_lora_adapter`` (safetensors, stock names)."""
+        if not self.lora_modules:
+            raise ValueError("this generator has no LoRA adapter (train='full'); save the backbone instead")
+        self.backbone.save_lora_adapter(directory, adapter_name=LORA_ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME)
+
+    def load_lora_adapter(self, directory: Path) -> None:
+        """Replace the LoRA adapter by one saved with :meth:`save_lora_adapter` (exact round trip)."""
+        if self.lora_modules:
+            self.backbone.delete_adapters(LORA_ADAPTER_NAME)
+        self.backbone.load_lora_adapter(
+            directory, prefix=None, adapter_name=LORA_ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME
+        )
+        self.lora_modules = lora_module_names(self.backbone)
+        if self.cfg.train == "lora":
+            for n, p in self.backbone.named_parameters():
+                p.requires_grad_(".lora_" in n)
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _autocast(self, device: torch.device) -> torch.autocast:
+        if self.compute_dtype != torch.float32 and device.type != "cuda":
+            raise ValueError(
+                f"generator.dtype='{self.cfg.dtype}' runs only on CUDA (bf16 matmuls crawl on CPU); "
+                "set generator.dtype='float32' for CPU runs"
+            )
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        t_a: torch.Tensor,
+        t_s: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_anatomy: torch.Tensor | None = None,
+        drop_style: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the noise in ``x_t``.
+
+        Args:
+            x_t: (N, C, H, W) noisy sample (pixels in [-1, 1] scale, or scaled latents).
+            timesteps: (N,) integer timesteps in ``[0, num_train_timesteps)`` (or a scalar).
+            t_a: (N, A) anatomy vectors.
+            t_s: (N, S) style vectors.
+            text_tokens: (N, L, B) BERT token sequence, ``hybrid`` mode only.
+            text_mask: (N, L) 1 for real caption tokens.
+            drop_anatomy: (N,) bool, replace the anatomy stream by its learned null.
+            drop_style: (N,) bool, replace the style stream by its learned null.
+            drop_text: (N,) bool, mask the caption tokens out (``hybrid``).
+
+        Returns:
+            (N, C, H, W) float32 epsilon prediction (the first half of a learned-sigma output).
+        """
+        n = x_t.shape[0]
+        if x_t.ndim != 4 or x_t.shape[1] != self.in_channels:
+            raise ValueError(f"x_t must have shape (N, {self.in_channels}, H, W), got {tuple(x_t.shape)}")
+        if t_a.shape[0] != n or t_s.shape[0] != n:
+            raise ValueError(f"batch sizes differ: x_t {n}, t_a {t_a.shape[0]}, t_s {t_s.shape[0]}")
+        timesteps = torch.as_tensor(timesteps, device=x_t.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(n)
+        with self._autocast(x_t.device):
+            enc, enc_mask, attn_kwargs = self.hffm.encoder_inputs(
+                t_a,
+                t_s,
+                drop_anatomy=drop_anatomy,
+                drop_style=drop_style,
+                text_tokens=text_tokens,
+                text_mask=text_mask,
+                drop_text=drop_text,
+            )  # (N, L', caption_channels)
+            out = self.backbone(
+                x_t,
+                encoder_hidden_states=enc,
+                encoder_attention_mask=enc_mask,
+                timestep=timesteps,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                cross_attention_kwargs=attn_kwargs,
+                return_dict=False,
+            )[0]  # (N, C_out, H, W)
+        return split_learned_sigma(out, self.in_channels).float()  # (N, C, H, W)
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (N, 3, H, W) to the diffused sample (latents, or the images themselves)."""
+        if self.vae is None:
+            return images.float()
+        with self._autocast(images.device):
+            return self.vae.encode(images, generator=generator).float()
+
+    def decode(self, x0: torch.Tensor, *, checkpointed: bool = False) -> torch.Tensor:
+        """Diffused sample to images in about [-1, 1] (N, 3, H, W); differentiable."""
+        if self.vae is None:
+            return x0
+        with self._autocast(x0.device):
+            return self.vae.decode(x0, checkpointed=checkpointed).float()
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        t_a: torch.Tensor,
+        t_s: torch.Tensor,
+        prior_a: torch.Tensor | None = None,
+        prior_s: torch.Tensor | None = None,
+        *,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        generator: torch.Generator,
+        step: int = 0,
+        latents: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unreduced loss terms for one batch; every random draw comes from ``generator``.
+
+        Per sample: with probability ``conditioning.condition_source`` the (t_a, t_s) of the text
+        heads are replaced by the image's visual priors (prior_a, prior_s); then the condition
+        dropout draws (whole condition / anatomy alone / style alone to learned nulls); in
+        ``hybrid`` mode the caption tokens are dropped when the condition comes from the priors,
+        when any stream is dropped (they carry both factors), and otherwise with probability
+        ``hffm.text_dropout``; ``text_tokens`` are ignored in the other modes. Then a timestep
+        and noise are drawn and the noise is predicted.
+
+        Args:
+            images: (N, 3, H, W) real images in [-1, 1].
+            t_a: (N, A) anatomy vectors from the text heads.
+            t_s: (N, S) style vectors from the text heads.
+            prior_a: (N, A) the images' visual anatomy priors, or None (text only).
+            prior_s: (N, S) the images' visual style priors, or None.
+            text_tokens: (N, L, B) caption token features (``hybrid``).
+            text_mask: (N, L) caption token mask.
+            generator: the source of noise, timesteps, dropouts and crops.
+            step: the optimiser step (``colour.every_k``).
+            latents: (N, C, h, w) precomputed latents of ``images`` (skips the VAE encoder).
+
+        Returns:
+            ``{"eps": (N,), "colour": (N,), "colour_mask": (N,) bool}``: epsilon MSE per sample,
+            colour loss per sample (0 where inactive) and where it is active. Reduce with
+            :meth:`reduce_loss`.
+        """
+        n, device = images.shape[0], images.device
+        gdev = generator.device
+        if (prior_a is None) != (prior_s is None):
+            raise ValueError("pass both prior_a and prior_s (visual priors) or neither")
+
+        def uniform() -> torch.Tensor:
+            return torch.rand(n, generator=generator, device=gdev).to(device)
+
+        u_source, u_drop, u_text = uniform(), uniform(), uniform()  # (N,) each
+        timesteps = torch.randint(
+            0, self.cfg.schedule.num_train_timesteps, (n,), generator=generator, device=gdev
+        ).to(device)  # (N,)
+        x0 = latents.float() if latents is not None else self.encode(images, generator=generator)  # (N, C, h, w)
+        noise = torch.randn(x0.shape, generator=generator, device=gdev).to(device)  # (N, C, h, w)
+
+        cond = self.cfg.conditioning
+        if prior_a is not None and prior_s is not None:
+            use_prior = u_source < cond.condition_source  # (N,)
+            t_a = torch.where(use_prior[:, None], prior_a.to(t_a.dtype), t_a)  # (N, A)
+            t_s = torch.where(use_prior[:, None], prior_s.to(t_s.dtype), t_s)  # (N, S)
+        else:
+            use_prior = torch.zeros(n, dtype=torch.bool, device=device)
+        drop_all = u_drop < cond.drop_all
+        drop_a_only = (u_drop >= cond.drop_all) & (u_drop < cond.drop_all + cond.drop_anatomy)
+        drop_s_only = (u_drop >= cond.drop_all + cond.drop_anatomy) & (
+            u_drop < cond.drop_all + cond.drop_anatomy + cond.drop_style
+        )
+        drop_anatomy = drop_all | drop_a_only  # (N,)
+        drop_style = drop_all | drop_s_only  # (N,)
+        if self.hffm.uses_text and text_tokens is not None:
+            drop_text = use_prior | drop_anatomy | drop_style | (u_text < self.cfg.hffm.text_dropout)
+        else:
+            text_tokens, text_mask, drop_text = None, None, None
+
+        alpha_bar = self.alphas_cumprod.to(device)[timesteps]  # (N,)
+        x_t = add_noise(x0, noise, alpha_bar)  # (N, C, h, w)
+        eps_pred = self(
+            x_t,
+            timesteps,
+            t_a,
+            t_s,
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            drop_anatomy=drop_anatomy,
+            drop_style=drop_style,
+            drop_text=drop_text,
+        )  # (N, C, h, w)
+        terms = {"eps": epsilon_mse(eps_pred, noise)}
+        colour, colour_mask = self._colour_terms(images, x_t, eps_pred, alpha_bar, timesteps, generator, step)
+        terms["colour"], terms["colour_mask"] = colour, colour_mask
+        return terms
+
+    def _colour_terms(
+        self,
+        images: torch.Tensor,
+        x_t: torch.Tensor,
+        eps_pred: torch.Tensor,
+        alpha_bar: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: torch.Generator,
+        step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Colour loss on the decoded one-step clean estimate, with gradient; (N,), (N,) bool."""
+        n, device = images.shape[0], images.device
+        colour = torch.zeros(n, device=device)
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        cc = self.cfg.colour
+        if cc.weight == 0 or step % cc.every_k:
+            return colour, mask
+        idx = ((timesteps >= cc.t_min) & (timesteps <= cc.t_max)).nonzero()[:, 0]  # (n_in,)
+        if self.vae is not None:
+            idx = idx[: cc.decode_max_images]  # decoding at 512 px costs ~2 DiT forwards per image
+        if idx.numel() == 0:
+            return colour, mask
+        x0_hat = predict_x0(x_t[idx], eps_pred[idx], alpha_bar[idx])  # (n, C, h, w)
+        target = images[idx].float()  # (n, 3, H, W)
+        if self.vae is not None:
+            side = x0_hat.shape[-1]
+            crop = cc.latent_crop
+            if crop is not None and crop < min(x0_hat.shape[-2:]):
+                hi = torch.randint(0, x0_hat.shape[-2] - crop + 1, (1,), generator=generator, device=generator.device)
+                wi = torch.randint(0, side - crop + 1, (1,), generator=generator, device=generator.device)
+                top, left = int(hi), int(wi)
+                x0_hat = x0_hat[..., top : top + crop, left : left + crop]  # (n, C, crop, crop)
+                f = self.downscale
+                target = target[..., top * f : (top + crop) * f, left * f : (left + crop) * f]  # (n, 3, fc, fc)
+            pred = self.decode(x0_hat, checkpointed=True)  # (n, 3, H', W')
+        else:
+            pred = x0_hat
+        values = colour_distribution_loss(pred, target)  # (n,)
+        colour = colour.scatter(0, idx, values)  # differentiable in values
+        mask[idx] = True
+        return colour, mask
+
+    def reduce_loss(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar training loss: ``mean(eps) + colour.weight * mean over active samples(colour)``."""
+        loss = terms["eps"].mean()
+        mask = terms.get("colour_mask")
+        if mask is not None and bool(mask.any()):
+            colour = (terms["colour"] * mask).sum() / mask.sum()
+            loss = loss + self.cfg.colour.weight * colour
+        return loss

@@ -1,0 +1,180 @@
+"""MLflow tracking: one parent run per job, a nested run per stage, the model registry.
+
+The tracking URI comes from the config, else ``MLFLOW_TRACKING_URI``, else a sqlite store under the
+output root with artifacts beside it (MLflow 3.17 refuses ``file:`` stores). For a multi-node
+cluster, point ``tracking.uri`` at an MLflow server every node can reach. Workers log through
+:class:`MetricsSink` (rank 0 only); everything else happens on the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from vgmedgen.model.configbase import StrictConfig
+
+__all__ = ["MetricsSink", "Tracker", "TrackingConfig", "flatten"]
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "vgmedgen.run_key"
+
+
+class TrackingConfig(StrictConfig):
+    """Where runs are recorded and under what names."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under output_root.")
+    experiment: str | None = Field(None, description="MLflow experiment name; default the experiment's name.")
+    registered_model: str | None = Field(None, description="Model Registry name; default vgmedgen-<experiment name>.")
+    alias: str = "latest"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}} -> {"a.b": "1"}`` (MLflow params are flat strings of at most 6000 chars)."""
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def git_commit(repo: Path | None = None) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MetricsSink:
+    """Picklable logger for a worker: ``sink([(step, {name: value})])`` and ``sink.artifacts(paths)``."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def __call__(self, entries: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for step, values in entries for k, v in values.items()]
+        client = self._client()
+        for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+            client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def artifacts(self, paths: Sequence[Path], artifact_path: str = "samples") -> None:
+        client = self._client()
+        for p in paths:
+            client.log_artifact(self.run_id, str(p), artifact_path)
+
+
+class Tracker:
+    """Driver-side MLflow access for one experiment."""
+
+    def __init__(self, cfg: TrackingConfig, output_root: Path, experiment_name: str) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.root = output_root
+        self.uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_root / 'mlflow.db'}"
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(self.uri)
+        self.experiment_name = cfg.experiment or experiment_name
+        self.model_name = cfg.registered_model or f"vgmedgen-{experiment_name}"
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:"):
+                location = (output_root / "mlartifacts" / self.experiment_name).as_uri()
+            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self._mlflow = mlflow
+
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.uri}"
+
+    def run(self, key: str, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+        """The run tagged with ``key``: the existing one (resumed jobs reuse it) or a new one."""
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        all_tags = {RUN_KEY_TAG: key, "git_commit": git_commit(), **(tags or {})}
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        items = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def sink(self, run_id: str) -> MetricsSink:
+        return MetricsSink(self.uri, run_id)
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def register(self, run_id: str, artifact_path: str) -> str:
+        """Register ``runs:/<run_id>/<artifact_path>`` and point the alias at it; return the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(self.model_name)
+        except MlflowException:
+            pass  # already registered
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        mv = self.client.create_model_version(self.model_name, source, run_id=run_id)
+        self.client.set_registered_model_alias(self.model_name, self.cfg.alias, mv.version)
+        return str(mv.version)
+
+    def resolve(self, ref: str) -> Path:
+        """A local directory for ``models:/<name>@<alias>``, ``<name>@<alias>`` or a plain directory path."""
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return path
+        spec = ref.removeprefix("models:/")
+        name, _, alias = spec.partition("@")
+        if not alias:
+            raise FileNotFoundError(
+                f"{ref!r} is neither a model version directory nor a registry reference '<name>@<alias>'"
+            )
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            raise FileNotFoundError(f"No registered model version {name}@{alias} in {self.uri}: {exc.message}") from None
+        return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=self.uri))

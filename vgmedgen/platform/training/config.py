@@ -1,0 +1,80 @@
+"""Training configs: scaling (workers, GPUs) and the optimisation settings of each stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from vgmedgen.model.configbase import StrictConfig
+
+__all__ = ["STAGES", "ScalingOptions", "StageTrainConfig", "TrainConfig"]
+
+STAGES = ("visual", "align", "dit")
+Stage = Literal["visual", "align", "dit"]
+
+
+class ScalingOptions(StrictConfig):
+    """How many Ray Train workers, with what resources. ``num_workers=0`` runs in-process without Ray."""
+
+    num_workers: int = Field(2, ge=0, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint before giving up.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class StageTrainConfig(StrictConfig):
+    """Optimisation of one stage. ``batch_size`` is global per optimiser step (all workers, all micro-batches)."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    clip_norm: float | None = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    num_to_keep: int = Field(2, ge=1)
+    val_every: int = Field(100, ge=1)
+    val_batches: int = Field(2, ge=1)
+    sample_every: int = Field(0, ge=0, description="dit: write a sample grid every N steps (0: only at the end).")
+    log_every: int = Field(10, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA only.")
+    fail_at_step: int | None = Field(None, ge=0, description="Fault injection for tests: raise once at this step.")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> StageTrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        return self
+
+
+class TrainConfig(StrictConfig):
+    """Which stages run, on what resources, and each stage's optimisation."""
+
+    stages: tuple[Stage, ...] = STAGES
+    init_from: str | None = Field(
+        None, description="A model version directory or registry alias providing the stages that are not run."
+    )
+    scaling: ScalingOptions = ScalingOptions()
+    visual: StageTrainConfig = StageTrainConfig(lr=1e-4, betas=(0.5, 0.999))
+    align: StageTrainConfig = StageTrainConfig(lr=1e-4)
+    dit: StageTrainConfig = StageTrainConfig(lr=1e-4, weight_decay=1e-2, warmup_steps=500)
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> TrainConfig:
+        if not self.stages:
+            raise ValueError("train.stages is empty; name at least one of visual, align, dit")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"train.stages must be in the order visual, align, dit without repeats, got {list(self.stages)}")
+        if self.stages[0] != "visual" and self.init_from is None:
+            raise ValueError(
+                f"train.stages starts at '{self.stages[0]}', which needs the earlier stages: set train.init_from to a "
+                "model version directory or registry alias"
+            )
+        return self

@@ -1,0 +1,101 @@
+"""Training data held by each worker: the records of one split as tensors, and deterministic batches.
+
+Every batch is a pure function of (seed, step, micro-batch, rank): an epoch's order is a seeded
+permutation of the split, and each rank takes its own stride of the global batch. A resumed run
+therefore sees exactly the batches an undisturbed run would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from vgmedgen.platform.records import decode_png, read_records
+
+__all__ = ["RecordArrays", "batch_indices", "step_generator"]
+
+
+@dataclass
+class RecordArrays:
+    """One split of a records directory, decoded once: images in [-1, 1], masks in {0, 1}, texts, labels."""
+
+    ids: list[str]
+    images: torch.Tensor  # (N, 3, H, W) float32 in [-1, 1]
+    masks: torch.Tensor  # (N, 1, H, W) float32 in {0, 1}; zeros where has_mask is False
+    has_mask: torch.Tensor  # (N,) bool
+    captions: list[str]
+    anatomy_texts: list[str]
+    style_texts: list[str]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def load(cls, records_dir: str | Path, split: str, limit: int | None = None) -> RecordArrays:
+        table = read_records(records_dir)
+        table = table.filter(pc.equal(table.column("split"), split))
+        if limit is not None:
+            table = table.slice(0, limit)
+        if table.num_rows == 0:
+            raise ValueError(f"The records at {records_dir} have no rows in split '{split}'")
+        images = np.stack([decode_png(b) for b in table.column("image").to_pylist()])  # (N, H, W, 3)
+        h, w = images.shape[1:3]
+        mask_blobs = table.column("mask").to_pylist()
+        masks = np.zeros((len(mask_blobs), h, w), np.uint8)
+        has = np.zeros(len(mask_blobs), bool)
+        for i, blob in enumerate(mask_blobs):
+            if blob is not None:
+                masks[i] = decode_png(blob, "L")
+                has[i] = True
+        return cls(
+            ids=table.column("id").to_pylist(),
+            images=torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),  # (N, 3, H, W)
+            masks=torch.from_numpy(masks > 127).float().unsqueeze(1),  # (N, 1, H, W)
+            has_mask=torch.from_numpy(has),
+            captions=table.column("caption").to_pylist(),
+            anatomy_texts=table.column("anatomy_text").to_pylist(),
+            style_texts=table.column("style_text").to_pylist(),
+            labels=table.column("label").to_pylist(),
+        )
+
+    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict:
+        """The rows ``idx`` as a batch dict (tensors on ``device``, texts as lists)."""
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return {
+            "index": t,
+            "image": self.images[t].to(device),
+            "mask": self.masks[t].to(device),
+            "has_mask": self.has_mask[t].to(device),
+            "caption": [self.captions[i] for i in idx],
+            "anatomy_text": [self.anatomy_texts[i] for i in idx],
+            "style_text": [self.style_texts[i] for i in idx],
+            "label": [self.labels[i] for i in idx],
+        }
+
+
+def batch_indices(n: int, global_batch: int, seed: int, micro_step: int, rank: int, world: int) -> np.ndarray:
+    """Row indices of one rank's share of global micro-batch ``micro_step``.
+
+    Micro-batches walk through seeded per-epoch permutations of ``range(n)``; when ``n`` is not a
+    multiple of the batch, the tail of an epoch is dropped. A batch larger than ``n`` samples with
+    wrap-around within the permutation.
+    """
+    if n <= 0:
+        raise ValueError("cannot draw batches from an empty split")
+    per_epoch = max(n // global_batch, 1)
+    epoch, pos = divmod(micro_step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    take = (np.arange(global_batch) + pos * global_batch) % n
+    return perm[take][rank::world]
+
+
+def step_generator(seed: int, micro_step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one rank's micro-batch (noise, timesteps, dropout): a pure function of its inputs."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.default_rng([seed, micro_step, rank, 7]).integers(0, 2**62)))
+    return g

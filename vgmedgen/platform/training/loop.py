@@ -1,0 +1,244 @@
+"""The one training loop every stage runs, under Ray Train, under Tune, or in-process for tests.
+
+Stage-specific work lives in a :class:`StageTask` (``stages.py``): which parameters train, the
+loss of a batch, validation, and the exported artefacts. This loop owns everything shared:
+deterministic batches, gradient accumulation, clipping, the LR schedule, bf16 autocast on CUDA,
+checkpoints (model, EMA, optimizer, step, RNG) and resume, fault injection, progress lines, and
+metrics that reach MLflow exactly once per step (buffered until the checkpoint that makes them
+durable, so a restart never logs a step twice).
+
+Ray calls are marked ``# RAY``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from vgmedgen.platform.checkpoint import load_state, rng_state, save_state, set_rng_state
+from vgmedgen.platform.training.config import StageTrainConfig
+from vgmedgen.platform.training.data import batch_indices, step_generator
+
+__all__ = ["StageTask", "TrainContext", "train_loop"]
+
+log = logging.getLogger(__name__)
+
+
+class StageTask(Protocol):
+    """What a stage supplies to the shared loop."""
+
+    name: str
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def wrap_for_ddp(self, prepare: Any) -> None:
+        """Wrap the trained module(s) with ``prepare`` (ray.train.torch.prepare_model) for multi-worker runs."""
+
+    def train_size(self) -> int: ...
+
+    def train_batch(self, idx: Any, device: torch.device) -> dict: ...
+
+    def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms plus a scalar ``total`` to backpropagate."""
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimiser step (EMA update)."""
+
+    def validate(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def export(self, directory: Path) -> None:
+        """Write this stage's part of the model version (rank 0, after the last step)."""
+
+    def artifacts(self, step: int, directory: Path) -> list[Path]:
+        """Images worth logging at this step (sample grids); may return []."""
+
+
+class TrainContext:
+    """Rank, world size and the reporting hooks: Ray Train's when running under it, local ones otherwise."""
+
+    def __init__(self) -> None:
+        import ray.train  # RAY
+
+        ctx = ray.train.get_context()  # RAY
+        self.rank = ctx.get_world_rank()
+        self.world = ctx.get_world_size()
+        self._ray = ray.train
+
+    def latest_checkpoint(self):
+        return self._ray.get_checkpoint()  # RAY
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        from ray.train import Checkpoint  # RAY
+
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._ray.report(metrics, checkpoint=ckpt)  # RAY: a barrier; rank 0 passes the checkpoint
+
+
+def _autocast(cfg: StageTrainConfig, device: torch.device):
+    use_bf16 = device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: StageTrainConfig):
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    if cfg.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    return get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+
+
+def train_loop(
+    task: StageTask,
+    cfg: StageTrainConfig,
+    seed: int,
+    ctx: TrainContext,
+    device: torch.device,
+    *,
+    metrics_sink: Any = None,
+    export_dir: Path | None = None,
+    fault_marker: Path | None = None,
+) -> dict[str, float]:
+    """Run (or resume) one stage to ``cfg.steps`` optimiser steps.
+
+    Args:
+        task: the stage.
+        cfg: its optimisation settings.
+        seed: the run seed; batches and noise are pure functions of (seed, step, micro-batch, rank).
+        ctx: rank/world and reporting.
+        device: where to train.
+        metrics_sink: ``sink(list_of_(step, metrics)) -> None`` called on rank 0 when a checkpoint makes
+            the buffered steps durable (MLflow logging), and with artefacts via ``sink.artifacts(paths)``.
+        export_dir: where rank 0 writes the stage's model-version part after the last step.
+        fault_marker: a file whose absence at ``cfg.fail_at_step`` triggers one injected failure.
+
+    Returns:
+        The last step's metrics.
+    """
+    params = task.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg)
+    start = 0
+    ckpt = ctx.latest_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_state(d, "state")
+        task.load_state_dict(state["task"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"]) + 1
+        if ctx.rank == 0:
+            log.info("[%s] resumed from checkpoint at step %d", task.name, start)
+    if start >= cfg.steps:
+        if ctx.rank == 0:
+            log.info("[%s] already finished (%d steps); nothing to train", task.name, cfg.steps)
+        return {}
+
+    if ctx.world > 1:
+        import ray.train.torch  # RAY
+
+        task.wrap_for_ddp(ray.train.torch.prepare_model)  # RAY
+
+    n = task.train_size()
+    micro = cfg.batch_size // cfg.grad_accum
+    pending: list[tuple[int, dict[str, float]]] = []
+    t_start, samples_done = time.perf_counter(), 0
+    metrics: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        if cfg.fail_at_step is not None and step == cfg.fail_at_step and fault_marker is not None:
+            if not fault_marker.exists():
+                fault_marker.parent.mkdir(parents=True, exist_ok=True)
+                fault_marker.write_text(str(step))
+                raise RuntimeError(f"injected fault at step {step} (train.*.fail_at_step)")
+        opt.zero_grad(set_to_none=True)
+        terms: dict[str, float] = {}
+        for k in range(cfg.grad_accum):
+            micro_step = step * cfg.grad_accum + k
+            idx = batch_indices(n, micro, seed, micro_step, ctx.rank, ctx.world)
+            batch = task.train_batch(idx, device)
+            gen = step_generator(seed, micro_step, ctx.rank, device)
+            with _autocast(cfg, device):
+                losses = task.loss(batch, gen)
+            (losses["total"] / cfg.grad_accum).backward()
+            for name, value in losses.items():
+                terms[name] = terms.get(name, 0.0) + float(value.detach().float().mean()) / cfg.grad_accum
+        if cfg.clip_norm is not None:
+            terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
+        opt.step()
+        sched.step()
+        task.after_step(step)
+        samples_done += cfg.batch_size
+        elapsed = time.perf_counter() - t_start
+        metrics = {f"{task.name}/{k}": v for k, v in terms.items()}
+        metrics[f"{task.name}/lr"] = sched.get_last_lr()[0]
+        metrics[f"{task.name}/samples_per_s"] = samples_done / max(elapsed, 1e-9)
+        last = step == cfg.steps - 1
+        if ctx.rank == 0 and ((step + 1) % cfg.val_every == 0 or last):
+            metrics.update({f"{task.name}/val_{k}": v for k, v in task.validate().items()})
+        if ctx.rank == 0:
+            pending.append((step, metrics))
+            if (step + 1) % cfg.log_every == 0 or last or step == start:
+                eta = elapsed / (step + 1 - start) * (cfg.steps - step - 1)
+                print(
+                    f"[{task.name}] step {step + 1}/{cfg.steps} loss {terms['total']:.4f} "
+                    f"{metrics[f'{task.name}/samples_per_s']:.1f} samples/s ETA {_fmt(eta)}",
+                    flush=True,
+                )
+            if metrics_sink is not None and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not last:
+                with tempfile.TemporaryDirectory() as d:
+                    metrics_sink.artifacts(task.artifacts(step + 1, Path(d)))
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink)
+            pending = []
+        elif (step + 1) % cfg.log_every == 0:
+            ctx.report(metrics, None)
+    if ctx.rank == 0 and export_dir is not None:
+        task.export(export_dir)
+        if metrics_sink is not None:
+            with tempfile.TemporaryDirectory() as d:
+                metrics_sink.artifacts(task.artifacts(cfg.steps, Path(d)))
+    return metrics
+
+
+def _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        if ctx.rank == 0:
+            state = {
+                "task": task.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng_state(),
+                "step": step,
+            }
+            save_state(d, "state", state)
+            (Path(d) / "metrics.json").write_text(json.dumps({"step": step, **_finite(metrics)}))
+        ctx.report({"step": step, **_finite(metrics)}, d if ctx.rank == 0 else None)
+    if ctx.rank == 0 and metrics_sink is not None and pending:
+        metrics_sink(pending)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def worker_threads() -> int:
+    """Threads for torch in a worker: Ray sets OMP_NUM_THREADS from the worker's CPUs."""
+    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
