@@ -25,7 +25,6 @@ from vgmedgen.model.diffusion_losses import (
 from vgmedgen.model.ema import EMA
 from vgmedgen.model.generator import (
     GENERATOR_PRESETS,
-    Generator,
     GeneratorConfig,
     PixArtBackbone,
     build_generator,
@@ -115,7 +114,9 @@ def test_pixel_space_needs_three_channels() -> None:
 
 def test_condition_dropouts_must_sum_to_at_most_one_and_text_dropout_at_least_03() -> None:
     with pytest.raises(ConfigError, match="sum to at most 1"):
-        build_generator_config("tiny", {"conditioning": {"drop_all": 0.5, "drop_anatomy": 0.4, "drop_style": 0.2}})
+        build_generator_config(
+            "tiny", {"conditioning": {"drop_all": 0.5, "drop_anatomy": 0.4, "drop_style": 0.2}}
+        )
     with pytest.raises(ConfigError, match="hffm.text_dropout"):
         build_generator_config("tiny", {"hffm": {"text_dropout": 0.2}})
     with pytest.raises(ConfigError, match="unknown field"):
@@ -230,7 +231,9 @@ def test_hybrid_text_tokens_enter_once_projection_is_nonzero(pretrained_dir: Pat
     with torch.no_grad():
         torch.nn.init.normal_(gen.hffm.text_proj.weight, std=0.5)
         with_text = gen(x, t, t_a, t_s, text_tokens=text, text_mask=mask)
-        dropped = gen(x, t, t_a, t_s, text_tokens=text, text_mask=mask, drop_text=torch.ones(N, dtype=torch.bool))
+        dropped = gen(
+            x, t, t_a, t_s, text_tokens=text, text_mask=mask, drop_text=torch.ones(N, dtype=torch.bool)
+        )
         no_text = gen(x, t, t_a, t_s)
     assert (with_text - no_text).abs().max() > 1e-4
     # Dropping the text masks the caption tokens out: only the null tokens remain.
@@ -262,7 +265,9 @@ def test_dropped_stream_uses_learned_null(pretrained_dir: Path) -> None:
 
 
 def test_reference_layernorm_erases_scale_and_default_keeps_it() -> None:
-    ln = build_generator(build_generator_config("tiny", {"hffm": {"mode": "tokens", "prior_layernorm": True}}))
+    ln = build_generator(
+        build_generator_config("tiny", {"hffm": {"mode": "tokens", "prior_layernorm": True}})
+    )
     plain = build_generator(build_generator_config("tiny"))
     t_a = torch.randn(2, A)
     with torch.no_grad():
@@ -273,7 +278,10 @@ def test_reference_layernorm_erases_scale_and_default_keeps_it() -> None:
 def test_only_intended_parameters_train_in_lora_and_full_mode(pretrained_dir: Path) -> None:
     x, t, t_a, t_s = _inputs()
     # Drop one stream in one sample each, so that the learned nulls are used too.
-    drops = {"drop_anatomy": torch.tensor([True, False, False]), "drop_style": torch.tensor([False, True, False])}
+    drops = {
+        "drop_anatomy": torch.tensor([True, False, False]),
+        "drop_style": torch.tensor([False, True, False]),
+    }
     lora = build_generator(_pretrained_cfg(pretrained_dir, train="lora"))
     lora(x, t, t_a, t_s, **drops).square().mean().backward()
     for name, p in lora.named_parameters():
@@ -290,7 +298,9 @@ def test_only_intended_parameters_train_in_lora_and_full_mode(pretrained_dir: Pa
 
 
 def test_pixart_512_parameter_counts_on_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = build_generator_config("pixart-512", {"pretrained_dir": "/nonexistent/pixart", "vae_dir": "/nonexistent"})
+    cfg = build_generator_config(
+        "pixart-512", {"pretrained_dir": "/nonexistent/pixart", "vae_dir": "/nonexistent"}
+    )
     with torch.device("meta"):
         gen = build_generator(cfg, load_weights=False)
     counts = gen.parameter_counts()
@@ -319,7 +329,9 @@ def test_colour_loss_hand_computed() -> None:
     pred = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]], [[0.0, 0.0]]]])  # (1, 3, 1, 2)
     target = torch.tensor([[[[1.0, 1.0]], [[0.0, 2.0]], [[0.0, 0.0]]]])
     # mean term 0; std term ((1-0)^2 + (0-1)^2 + 0) / 3 = 2/3 (up to the 1e-12 under the sqrt)
-    torch.testing.assert_close(colour_distribution_loss(pred, target), torch.tensor([2 / 3]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        colour_distribution_loss(pred, target), torch.tensor([2 / 3]), atol=1e-5, rtol=0
+    )
     shifted = target + torch.tensor([0.5, 0.0, -1.0]).view(1, 3, 1, 1)
     # mean term (0.25 + 0 + 1) / 3, std term 0
     torch.testing.assert_close(colour_distribution_loss(shifted, target), torch.tensor([1.25 / 3]))
@@ -350,7 +362,9 @@ def test_training_loss_is_deterministic_under_a_seed() -> None:
     images = images.clamp(-1, 1)
 
     def run(seed: int) -> dict[str, torch.Tensor]:
-        return gen.training_loss(images, t_a, t_s, t_a + 1, t_s + 1, generator=torch.Generator().manual_seed(seed))
+        return gen.training_loss(
+            images, t_a, t_s, t_a + 1, t_s + 1, generator=torch.Generator().manual_seed(seed)
+        )
 
     a, b, c = run(7), run(7), run(8)
     for k in ("eps", "colour", "colour_mask"):
@@ -435,7 +449,9 @@ def test_latent_space_training_with_vae_crop(pretrained_dir: Path, tiny_vae_dir:
     gen.reduce_loss(terms).backward()
     assert gen.backbone.proj_out.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in gen.vae.parameters())
-    bad = build_generator_config("tiny", {"backbone": {"in_channels": 4}, "vae_dir": str(tiny_vae_dir / "nope")})
+    bad = build_generator_config(
+        "tiny", {"backbone": {"in_channels": 4}, "vae_dir": str(tiny_vae_dir / "nope")}
+    )
     with pytest.raises(ComponentNotFoundError, match="generator.vae_dir"):
         build_generator(bad)
 

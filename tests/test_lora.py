@@ -79,7 +79,9 @@ def test_exactly_the_named_modules_get_adapters() -> None:
 def test_a_narrower_target_list_adapts_only_those() -> None:
     backbone = _backbone()
     names = apply_lora(backbone, LoraSettings(target_modules=("to_q", "to_v")))
-    assert names == sorted(f"transformer_blocks.{i}.attn{a}.to_{p}" for i in range(2) for a in (1, 2) for p in "qv")
+    assert names == sorted(
+        f"transformer_blocks.{i}.attn{a}.to_{p}" for i in range(2) for a in (1, 2) for p in "qv"
+    )
 
 
 def test_only_adapters_require_grad_and_start_as_no_op() -> None:
@@ -132,7 +134,10 @@ def test_save_and_load_lora_adapter_round_trip(tmp_path: Path) -> None:
 
     fresh = PixArtBackbone.from_pretrained(src, subfolder="transformer")
     fresh.load_lora_adapter(
-        tmp_path / "adapter", prefix=None, adapter_name="default", weight_name="pytorch_lora_weights.safetensors"
+        tmp_path / "adapter",
+        prefix=None,
+        adapter_name="default",
+        weight_name="pytorch_lora_weights.safetensors",
     )
     ours = {n: p for n, p in gen.backbone.named_parameters() if ".lora_" in n}
     theirs = {n: p for n, p in fresh.named_parameters() if ".lora_" in n}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,6 +11,16 @@ import torch
 from vgmedgen.model.losses import cosine_alignment, decorrelation, dice_loss, kl_divergence, l1_recon, mse
 
 BIG = 30.0  # sigmoid(30) = 1 - 9e-14: logits of +-BIG are hard 1 / 0 probabilities
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on the shared 2-core box, two OpenMP threads competing with other
+    processes made a training step ~40x slower (spin-waiting), one thread keeps it at ~0.07 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_dice_loss_known_answer() -> None:
@@ -108,7 +119,7 @@ def test_decorrelation_gradient_lowers_correlation() -> None:
 
 
 @pytest.mark.parametrize("fn", [cosine_alignment, mse])
-def test_vector_losses_are_per_sample(fn) -> None:  # noqa: ANN001
+def test_vector_losses_are_per_sample(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
     pred, target = torch.randn(5, 7), torch.randn(5, 7)
     out = fn(pred, target)
     assert out.shape == (5,)

@@ -13,7 +13,14 @@ import torch
 from diffusers import AutoencoderKL
 
 from vgmedgen.model.generator import Generator, PixArtBackbone, build_generator, build_generator_config
-from vgmedgen.model.sampler import SamplerConfig, _guided_eps, combine_guidance, initial_noise, make_scheduler, sample
+from vgmedgen.model.sampler import (
+    SamplerConfig,
+    _guided_eps,
+    combine_guidance,
+    initial_noise,
+    make_scheduler,
+    sample,
+)
 
 A, S = 36, 8
 FAST = SamplerConfig(num_steps=4)
@@ -62,7 +69,9 @@ def test_batched_guidance_equals_three_separate_passes(model: Generator) -> None
         e00 = model(x, t, t_a, t_s, drop_anatomy=yes, drop_style=yes)
         ea0 = model(x, t, t_a, t_s, drop_anatomy=no, drop_style=yes)
         eas = model(x, t, t_a, t_s)
-        single = _guided_eps(model, x, t, t_a, t_s, None, None, SamplerConfig(guidance_anatomy=1, guidance_style=1))
+        single = _guided_eps(
+            model, x, t, t_a, t_s, None, None, SamplerConfig(guidance_anatomy=1, guidance_style=1)
+        )
     assert (ea0 - e00).abs().max() > 1e-4 and (eas - ea0).abs().max() > 1e-4  # the streams matter
     torch.testing.assert_close(guided, e00 + 3.0 * (ea0 - e00) + 2.0 * (eas - ea0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(single, eas, rtol=0, atol=0)

@@ -67,7 +67,9 @@ def test_sharded_merge_equals_single_pass(order: str) -> None:
         random.Random(3).shuffle(parts)
     if order == "tree":
         while len(parts) > 1:
-            parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+            parts = [
+                parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)
+            ]
         merged = parts[0]
     else:
         merged = FeatureStats.merge_all(parts)
@@ -114,7 +116,9 @@ def test_frechet_distance_closed_form_for_diagonal_gaussians() -> None:
     mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     var_a, var_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
     expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
-    assert frechet_distance(stats_of(mu_a, var_a), stats_of(mu_b, var_b)) == pytest.approx(expected, rel=1e-12)
+    assert frechet_distance(stats_of(mu_a, var_a), stats_of(mu_b, var_b)) == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_frechet_distance_matches_torch_fidelity_formula() -> None:

@@ -24,6 +24,16 @@ from vgmedgen.model.visual import (
 TINY = VISUAL_PRESETS["tiny"]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on the shared 2-core box, two OpenMP threads competing with other
+    processes made a training step ~40x slower (spin-waiting), one thread keeps it at ~0.07 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_model(seed: int = 0, **overrides: object) -> VisualDisentangler:
     torch.manual_seed(seed)
     config = TINY.model_copy(update=overrides) if overrides else TINY
@@ -156,7 +166,9 @@ def test_training_map_is_one_hot_and_gradient_reaches_unet() -> None:
     # Dice depends on the U-Net only through the one-hot map: its gradient must pass through.
     terms = model.losses(images, masks)
     terms["dice"].mean().backward()
-    unet_grad = sum(float(p.grad.abs().sum()) for p in model.anatomy_encoder.parameters() if p.grad is not None)
+    unet_grad = sum(
+        float(p.grad.abs().sum()) for p in model.anatomy_encoder.parameters() if p.grad is not None
+    )
     assert unet_grad > 0
 
 
@@ -167,7 +179,7 @@ def test_training_noise_follows_the_generator() -> None:
     b = model.losses(images, masks, generator=torch.Generator().manual_seed(3))
     c = model.losses(images, masks, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(a["total"], b["total"])
-    assert not torch.equal(a["kl"] * 0 + a["recon"], c["recon"])
+    assert not torch.equal(a["recon"], c["recon"])
 
 
 def test_eval_is_deterministic_and_priors_ignore_the_mode() -> None:
@@ -179,7 +191,9 @@ def test_eval_is_deterministic_and_priors_ignore_the_mode() -> None:
     for field in ("anatomy", "mask_logits", "mu", "z", "recon"):
         assert torch.equal(getattr(one, field), getattr(two, field)), field
     assert torch.equal(one.z, one.mu)
-    assert torch.equal(one.anatomy, torch.nn.functional.one_hot(one.anatomy_logits.argmax(1), 8).permute(0, 3, 1, 2).float())
+    assert torch.equal(
+        one.anatomy, torch.nn.functional.one_hot(one.anatomy_logits.argmax(1), 8).permute(0, 3, 1, 2).float()
+    )
     prior_eval = model.priors(images)
     model.train()  # priors are the eval path whatever the mode
     prior_train = model.priors(images)
@@ -321,7 +335,11 @@ def test_perceptual_loss_from_local_files_stays_out_of_checkpoints(tmp_path: Pat
         terms = model.losses(images, masks, generator=torch.Generator().manual_seed(0))
         assert terms["perceptual"].shape == (2,) and float(terms["perceptual"].detach().min()) > 0
         expected = (
-            terms["recon"] + 0.1 * terms["perceptual"] + 0.01 * terms["kl"] + 10 * terms["dice"] + terms["z_regression"]
+            terms["recon"]
+            + 0.1 * terms["perceptual"]
+            + 0.01 * terms["kl"]
+            + 10 * terms["dice"]
+            + terms["z_regression"]
         )
         torch.testing.assert_close(terms["total"], expected)
         terms["total"].mean().backward()

@@ -90,7 +90,9 @@ class FrozenAutoencoder(nn.Module):
         from diffusers import AutoencoderKL
 
         root, subfolder = resolve_component_dir(path, "vae", "VAE", "generator.vae_dir")
-        vae = AutoencoderKL.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(
+            root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+        )
         return cls(vae)
 
     @classmethod

@@ -67,7 +67,9 @@ def split_learned_sigma(out: torch.Tensor, in_channels: int) -> torch.Tensor:
     if out.shape[1] == 2 * in_channels:
         return out[:, :in_channels]
     if out.shape[1] != in_channels:
-        raise ValueError(f"model output has {out.shape[1]} channels, expected {in_channels} or {2 * in_channels}")
+        raise ValueError(
+            f"model output has {out.shape[1]} channels, expected {in_channels} or {2 * in_channels}"
+        )
     return out
 
 

@@ -49,29 +49,44 @@ class DomainNetConfig(StrictConfig):
     """Architecture of a domain feature network (classifier or segmentation U-Net)."""
 
     kind: Literal["classifier", "segmentation"] = Field(
-        "classifier", description="classifier: labelled datasets; segmentation: single-class datasets with masks."
+        "classifier",
+        description="classifier: labelled datasets; segmentation: single-class datasets with masks.",
     )
     num_classes: int = Field(
-        7, ge=1, le=10_000, description="classifier: number of labels (>= 2); segmentation: mask channels (1 = binary)."
+        7,
+        ge=1,
+        le=10_000,
+        description="classifier: number of labels (>= 2); segmentation: mask channels (1 = binary).",
     )
     in_channels: int = Field(3, ge=1, le=16)
-    width: int = Field(32, ge=4, le=1024, description="Channels of the first stage; each later stage doubles them.")
-    depth: int = Field(3, ge=1, le=6, description="Stages; every stage after the first halves the resolution.")
+    width: int = Field(
+        32, ge=4, le=1024, description="Channels of the first stage; each later stage doubles them."
+    )
+    depth: int = Field(
+        3, ge=1, le=6, description="Stages; every stage after the first halves the resolution."
+    )
     blocks_per_stage: int = Field(1, ge=1, le=8)
     norm: Literal["group", "batch"] = Field(
-        "group", description="GroupNorm keeps features independent of batch composition; batch is the classic choice."
+        "group",
+        description="GroupNorm keeps features independent of batch composition; batch is the classic choice.",
     )
     groups: int = Field(8, ge=1, le=64, description="GroupNorm groups (reduced to divide the channel count).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
-    input_size: int = Field(64, ge=8, le=1024, description="Images are resized to this square size before the network.")
+    input_size: int = Field(
+        64, ge=8, le=1024, description="Images are resized to this square size before the network."
+    )
     seed: int = Field(0, description="Seed of the weight initialisation: same seed, same network.")
 
     @model_validator(mode="after")
     def _check(self) -> DomainNetConfig:
         if self.kind == "classifier" and self.num_classes < 2:
-            raise ValueError("a classifier needs num_classes >= 2 (use kind='segmentation' for single-class datasets)")
+            raise ValueError(
+                "a classifier needs num_classes >= 2 (use kind='segmentation' for single-class datasets)"
+            )
         if self.input_size < 2 ** (self.depth - 1):
-            raise ValueError(f"input_size {self.input_size} is too small for depth {self.depth} (needs >= {2 ** (self.depth - 1)})")
+            raise ValueError(
+                f"input_size {self.input_size} is too small for depth {self.depth} (needs >= {2 ** (self.depth - 1)})"
+            )
         return self
 
     @property
@@ -122,7 +137,9 @@ class ResidualBlock(nn.Module):
         self.norm2 = _norm(norm, c_out, groups)
         self.skip: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _norm(norm, c_out, groups))
+            self.skip = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _norm(norm, c_out, groups)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.norm1(self.conv1(x)))  # (N, C_out, H', W')
@@ -136,14 +153,18 @@ class Encoder(nn.Module):
     def __init__(self, cfg: DomainNetConfig) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, cfg.width, 3, padding=1, bias=False), _norm(cfg.norm, cfg.width, cfg.groups), nn.SiLU()
+            nn.Conv2d(cfg.in_channels, cfg.width, 3, padding=1, bias=False),
+            _norm(cfg.norm, cfg.width, cfg.groups),
+            nn.SiLU(),
         )
         stages = []
         c_in = cfg.width
         for i in range(cfg.depth):
             c_out = cfg.width * 2**i
             blocks = [ResidualBlock(c_in, c_out, 2 if i > 0 else 1, cfg.norm, cfg.groups)]
-            blocks += [ResidualBlock(c_out, c_out, 1, cfg.norm, cfg.groups) for _ in range(cfg.blocks_per_stage - 1)]
+            blocks += [
+                ResidualBlock(c_out, c_out, 1, cfg.norm, cfg.groups) for _ in range(cfg.blocks_per_stage - 1)
+            ]
             stages.append(nn.Sequential(*blocks))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
@@ -170,9 +191,13 @@ class DomainNet(nn.Module):
     def __init__(self, config: DomainNetConfig | None, expected_kind: str, fields: dict[str, Any]) -> None:
         super().__init__()
         if config is None:
-            config = build_config(DomainNetConfig, {"kind": expected_kind, **fields}, where=type(self).__name__)
+            config = build_config(
+                DomainNetConfig, {"kind": expected_kind, **fields}, where=type(self).__name__
+            )
         elif fields:
-            raise ConfigError(f"{type(self).__name__}: pass either a DomainNetConfig or fields, not both (got {sorted(fields)})")
+            raise ConfigError(
+                f"{type(self).__name__}: pass either a DomainNetConfig or fields, not both (got {sorted(fields)})"
+            )
         if config.kind != expected_kind:
             raise ConfigError(f"{type(self).__name__} needs kind='{expected_kind}', got kind='{config.kind}'")
         self.config = config
@@ -284,7 +309,10 @@ class SegmentationEncoder(DomainNet):
         self.encoder = Encoder(cfg)
         chans = [cfg.width * 2**i for i in range(cfg.depth)]
         self.up = nn.ModuleList(
-            [_UpBlock(chans[i + 1], chans[i], chans[i], cfg.norm, cfg.groups) for i in reversed(range(cfg.depth - 1))]
+            [
+                _UpBlock(chans[i + 1], chans[i], chans[i], cfg.norm, cfg.groups)
+                for i in reversed(range(cfg.depth - 1))
+            ]
         )
         self.out = nn.Conv2d(cfg.width, cfg.num_classes, 1)
         self.init_weights()
@@ -325,11 +353,15 @@ def load_domain_net(path: str | Path, map_location: str | torch.device = "cpu") 
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"domain network file {path} does not exist: write one with save_domain_net (after training)")
+        raise ConfigError(
+            f"domain network file {path} does not exist: write one with save_domain_net (after training)"
+        )
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if _METADATA_KEY not in metadata:
-        raise ConfigError(f"{path} is not a vgmedgen domain network: its safetensors metadata lacks '{_METADATA_KEY}'")
+        raise ConfigError(
+            f"{path} is not a vgmedgen domain network: its safetensors metadata lacks '{_METADATA_KEY}'"
+        )
     config = build_config(DomainNetConfig, json.loads(metadata[_METADATA_KEY]), where=str(path))
     net = build_domain_net(config)
     net.load_state_dict(load_file(str(path), device=str(map_location)))

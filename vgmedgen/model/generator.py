@@ -37,7 +37,13 @@ from vgmedgen.model.diffusion_losses import (
     split_learned_sigma,
 )
 from vgmedgen.model.hffm import HFFM, HFFMConfig
-from vgmedgen.model.lora import LORA_ADAPTER_NAME, LORA_WEIGHT_NAME, LoraSettings, apply_lora, lora_module_names
+from vgmedgen.model.lora import (
+    LORA_ADAPTER_NAME,
+    LORA_WEIGHT_NAME,
+    LoraSettings,
+    apply_lora,
+    lora_module_names,
+)
 
 __all__ = [
     "GENERATOR_PRESETS",
@@ -345,7 +351,9 @@ def build_generator_config(preset: str, overrides: Mapping[str, Any] | None = No
         ConfigError: unknown preset or invalid values (the message names the field and the fix).
     """
     base = choose_preset(GENERATOR_PRESETS, preset, "generator")
-    return build_config(GeneratorConfig, _deep_merge(base, overrides or {}), where=f"generator preset '{preset}'")
+    return build_config(
+        GeneratorConfig, _deep_merge(base, overrides or {}), where=f"generator preset '{preset}'"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +494,9 @@ class Generator(nn.Module):
 
     alphas_cumprod: torch.Tensor
 
-    def __init__(self, cfg: GeneratorConfig, backbone: PixArtBackbone, vae: FrozenAutoencoder | None = None) -> None:
+    def __init__(
+        self, cfg: GeneratorConfig, backbone: PixArtBackbone, vae: FrozenAutoencoder | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -565,7 +575,9 @@ class Generator(nn.Module):
         """Save the LoRA adapter with diffusers' ``save_lora_adapter`` (safetensors, stock names)."""
         if not self.lora_modules:
             raise ValueError("this generator has no LoRA adapter (train='full'); save the backbone instead")
-        self.backbone.save_lora_adapter(directory, adapter_name=LORA_ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME)
+        self.backbone.save_lora_adapter(
+            directory, adapter_name=LORA_ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME
+        )
 
     def load_lora_adapter(self, directory: Path) -> None:
         """Replace the LoRA adapter by one saved with :meth:`save_lora_adapter` (exact round trip)."""
@@ -587,7 +599,9 @@ class Generator(nn.Module):
                 f"generator.dtype='{self.cfg.dtype}' runs only on CUDA (bf16 matmuls crawl on CPU); "
                 "set generator.dtype='float32' for CPU runs"
             )
-        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        return torch.autocast(
+            device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
+        )
 
     def forward(
         self,
@@ -715,7 +729,9 @@ class Generator(nn.Module):
         timesteps = torch.randint(
             0, self.cfg.schedule.num_train_timesteps, (n,), generator=generator, device=gdev
         ).to(device)  # (N,)
-        x0 = latents.float() if latents is not None else self.encode(images, generator=generator)  # (N, C, h, w)
+        x0 = (
+            latents.float() if latents is not None else self.encode(images, generator=generator)
+        )  # (N, C, h, w)
         noise = torch.randn(x0.shape, generator=generator, device=gdev).to(device)  # (N, C, h, w)
 
         cond = self.cfg.conditioning
@@ -783,12 +799,16 @@ class Generator(nn.Module):
             side = x0_hat.shape[-1]
             crop = cc.latent_crop
             if crop is not None and crop < min(x0_hat.shape[-2:]):
-                hi = torch.randint(0, x0_hat.shape[-2] - crop + 1, (1,), generator=generator, device=generator.device)
+                hi = torch.randint(
+                    0, x0_hat.shape[-2] - crop + 1, (1,), generator=generator, device=generator.device
+                )
                 wi = torch.randint(0, side - crop + 1, (1,), generator=generator, device=generator.device)
                 top, left = int(hi), int(wi)
                 x0_hat = x0_hat[..., top : top + crop, left : left + crop]  # (n, C, crop, crop)
                 f = self.downscale
-                target = target[..., top * f : (top + crop) * f, left * f : (left + crop) * f]  # (n, 3, fc, fc)
+                target = target[
+                    ..., top * f : (top + crop) * f, left * f : (left + crop) * f
+                ]  # (n, 3, fc, fc)
             pred = self.decode(x0_hat, checkpointed=True)  # (n, 3, H', W')
         else:
             pred = x0_hat

@@ -266,7 +266,9 @@ class HFFM(nn.Module):
         self.anatomy = StreamFusion(
             cfg.anatomy_dim, cfg.hidden_dim, width, cfg.tokens_per_stream, cfg.prior_layernorm
         )
-        self.style = StreamFusion(cfg.style_dim, cfg.hidden_dim, width, cfg.tokens_per_stream, cfg.prior_layernorm)
+        self.style = StreamFusion(
+            cfg.style_dim, cfg.hidden_dim, width, cfg.tokens_per_stream, cfg.prior_layernorm
+        )
         self.shared_null: nn.Parameter | None = None
         self.branches: nn.ModuleList | None = None
         self.text_proj: nn.Linear | None = None
@@ -305,7 +307,9 @@ class HFFM(nn.Module):
             return
         blocks = backbone.transformer_blocks
         if len(blocks) != len(self.branches):
-            raise ValueError(f"HFFM has {len(self.branches)} branch pairs but the backbone has {len(blocks)} blocks")
+            raise ValueError(
+                f"HFFM has {len(self.branches)} branch pairs but the backbone has {len(blocks)} blocks"
+            )
         for block, branches in zip(blocks, self.branches):
             block.attn2.set_processor(HFFMAttnProcessor(branches))
 

@@ -25,7 +25,14 @@ from torch import nn
 
 from vgmedgen.model.configbase import ConfigError, StrictConfig
 
-__all__ = ["LORA_ADAPTER_NAME", "LORA_WEIGHT_NAME", "REFERENCE_LORA_TARGETS", "LoraSettings", "apply_lora", "lora_module_names"]
+__all__ = [
+    "LORA_ADAPTER_NAME",
+    "LORA_WEIGHT_NAME",
+    "REFERENCE_LORA_TARGETS",
+    "LoraSettings",
+    "apply_lora",
+    "lora_module_names",
+]
 
 LORA_ADAPTER_NAME = "default"
 # diffusers' default file name for save_lora_adapter; load_lora_adapter needs it spelled out
@@ -72,7 +79,9 @@ class LoraSettings(StrictConfig):
     @classmethod
     def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
-            raise ValueError("at least one target module is needed; the reference list is REFERENCE_LORA_TARGETS")
+            raise ValueError(
+                "at least one target module is needed; the reference list is REFERENCE_LORA_TARGETS"
+            )
         return v
 
 

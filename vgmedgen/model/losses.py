@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import Tensor
 
 __all__ = ["cosine_alignment", "decorrelation", "dice_loss", "kl_divergence", "l1_recon", "mse"]
@@ -39,6 +38,10 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
     Returns:
         ``(N,)`` Dice loss in [0, 1].
     """
+    # Imported here: `import monai` loads all of MONAI (~10 s); importing this module for the
+    # other losses should not pay for it.
+    from monai.losses import DiceLoss
+
     loss_fn = DiceLoss(sigmoid=True, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
     per_channel = loss_fn(logits, target.to(logits.dtype))  # (N, C, 1, 1)
     return _per_sample_mean(per_channel)

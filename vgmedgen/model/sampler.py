@@ -159,7 +159,9 @@ def sample(
     cfg = cfg or SamplerConfig()
     n = t_a.shape[0]
     if len(seeds) != n or t_s.shape[0] != n:
-        raise ValueError(f"need one seed and one t_s per t_a: {n} t_a, {t_s.shape[0]} t_s, {len(seeds)} seeds")
+        raise ValueError(
+            f"need one seed and one t_s per t_a: {n} t_a, {t_s.shape[0]} t_s, {len(seeds)} seeds"
+        )
     device = next(model.parameters()).device
     t_a, t_s = t_a.to(device), t_s.to(device)
     if text_tokens is not None:
@@ -170,7 +172,9 @@ def sample(
 
     scheduler = make_scheduler(model, cfg)
     scheduler.set_timesteps(cfg.num_steps, device=device)
-    x = initial_noise(seeds, model.sample_shape(image_size), device) * scheduler.init_noise_sigma  # (N, C, h, w)
+    x = (
+        initial_noise(seeds, model.sample_shape(image_size), device) * scheduler.init_noise_sigma
+    )  # (N, C, h, w)
     was_training = model.training
     model.eval()
     try:

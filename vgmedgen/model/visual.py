@@ -27,7 +27,6 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.nets import UNet
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -288,6 +287,10 @@ class AnatomyEncoder(nn.Module):
 
     def __init__(self, config: VisualConfig) -> None:
         super().__init__()
+        # Imported here: `import monai` loads all of MONAI (~10 s, and it pulls in mlflow and
+        # matplotlib), which code that only reads a VisualConfig should not pay for.
+        from monai.networks.nets import UNet
+
         self.tau = config.gumbel_tau
         self.unet = UNet(
             spatial_dims=2,
@@ -358,7 +361,7 @@ class StyleEncoder(nn.Module):
         """``(N, C, H, W), (N, K, H, W) -> mu (N, S), logvar (N, S)``."""
         x = self.convs(torch.cat([images, anatomy], dim=1))  # (N, W_last, H', W')
         x = self.fc(x.mean(dim=(2, 3)))  # (N, style_hidden)
-        # The clamp keeps exp(logvar) finite early in training; it never binds at convergence.
+        # The clamp only guards exp(logvar) against overflow from a bad step early in training.
         return self.mu(x), self.logvar(x).clamp(-10.0, 10.0)
 
 
@@ -601,8 +604,9 @@ class VisualDisentangler(nn.Module):
         self,
         images: Tensor,
         masks: Tensor | None = None,
-        has_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        has_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The stage-1 loss terms, one value per sample, and their weighted ``total``.
 
@@ -615,9 +619,9 @@ class VisualDisentangler(nn.Module):
             images: ``(N, C, H, W)`` in [-1, 1].
             masks: ``(N, 1, H, W)`` in {0, 1}, or None when the dataset has no masks (Dice is
                 then 0 for every sample). Rows whose record has no mask may hold anything.
+            generator: optional RNG for the Gumbel and reparameterisation noise.
             has_mask: ``(N,)`` bool or {0, 1}; False zeroes Dice for that sample. Defaults to
                 all True when ``masks`` is given.
-            generator: optional RNG for the Gumbel and reparameterisation noise.
 
         Returns:
             ``recon``, ``kl``, ``dice``, ``z_regression``, ``perceptual`` (only when enabled) and

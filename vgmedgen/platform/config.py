@@ -23,7 +23,10 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
+from vgmedgen.model.vgmedgen import ModelConfig
 from vgmedgen.platform.datasets.common import ReaderOptions
+from vgmedgen.platform.tracking import TrackingConfig
+from vgmedgen.platform.training.config import TrainConfig
 
 __all__ = [
     "ConfigError",
@@ -110,6 +113,18 @@ class ExperimentConfig(StrictConfig):
     output_root: Path | None = None
     seed: int = 0
     data: PrepareConfig = PrepareConfig()
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig.model_validate({"preset": "tiny"}))
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def check_trainable(self) -> None:
+        """Raise :class:`ConfigError` unless the records' resolution is the model's image size."""
+        if self.model.image_size != self.data.resolution:
+            raise ConfigError(
+                f"model preset '{self.model.preset}' generates {self.model.image_size}x{self.model.image_size} images "
+                f"but data.resolution is {self.data.resolution}; set data.resolution={self.model.image_size} "
+                "(or change model.generator.backbone.sample_size)"
+            )
 
     @property
     def root(self) -> Path:

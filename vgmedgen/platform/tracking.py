@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vgmedgen.model.configbase import StrictConfig
 
@@ -34,7 +34,14 @@ class TrackingConfig(StrictConfig):
     uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under output_root.")
     experiment: str | None = Field(None, description="MLflow experiment name; default the experiment's name.")
     registered_model: str | None = Field(None, description="Model Registry name; default vgmedgen-<experiment name>.")
-    alias: str = "latest"
+    alias: str = Field("current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="Registry alias of the newest version.")
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or (v[0] in "vV" and v[1:].isdigit()):
+            raise ValueError(f"MLflow reserves the alias {v!r} ('latest' and v<N>); use e.g. 'current' or 'champion'")
+        return v
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -148,7 +155,7 @@ class Tracker:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def register(self, run_id: str, artifact_path: str) -> str:
-        """Register ``runs:/<run_id>/<artifact_path>`` and point the alias at it; return the version."""
+        """Register ``<run artifacts>/<artifact_path>`` (once per run) and point the alias at it; return the version."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -156,7 +163,11 @@ class Tracker:
         except MlflowException:
             pass  # already registered
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        mv = self.client.create_model_version(self.model_name, source, run_id=run_id)
+        existing = [
+            mv for mv in self.client.search_model_versions(f"name='{self.model_name}' and run_id='{run_id}'")
+            if mv.source == source
+        ]
+        mv = existing[0] if existing else self.client.create_model_version(self.model_name, source, run_id=run_id)
         self.client.set_registered_model_alias(self.model_name, self.cfg.alias, mv.version)
         return str(mv.version)
 

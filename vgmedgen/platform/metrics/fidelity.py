@@ -77,8 +77,18 @@ DOMAIN_FEATURE_LAYER = "features"
 WEIGHTS_FIELD = "evaluate.fidelity.feature_extractor_weights_path"
 
 # Per-dataset names of the domain distances (the paper's HFD for HAM10000, Med-Art's KFD for Kvasir).
-DOMAIN_METRIC_NAMES: dict[str, str] = {"ham10000": "HFD", "kvasir_seg": "KFD", "busi": "BFD", "synthderm": "SFD"}
-DOMAIN_KD_METRIC_NAMES: dict[str, str] = {"ham10000": "HKD", "kvasir_seg": "KKD", "busi": "BKD", "synthderm": "SKD"}
+DOMAIN_METRIC_NAMES: dict[str, str] = {
+    "ham10000": "HFD",
+    "kvasir_seg": "KFD",
+    "busi": "BFD",
+    "synthderm": "SFD",
+}
+DOMAIN_KD_METRIC_NAMES: dict[str, str] = {
+    "ham10000": "HKD",
+    "kvasir_seg": "KKD",
+    "busi": "BKD",
+    "synthderm": "SKD",
+}
 
 
 def domain_metric_names(dataset: str) -> tuple[str, str]:
@@ -99,11 +109,17 @@ class FidelityConfig(StrictConfig):
     )
     batch_size: int = Field(64, ge=1, le=4096, description="Images per feature-extraction batch.")
     kid_subsets: int = Field(100, ge=1, le=100_000, description="Random subsets of the kernel distance.")
-    kid_subset_size: int = Field(1000, ge=2, description="Rows per KID subset (adapted down for small sets, with a warning).")
-    reservoir_size: int = Field(
-        10_000, ge=2, description="Rows per set kept (seeded, shard-order independent) for kernel distances and floors."
+    kid_subset_size: int = Field(
+        1000, ge=2, description="Rows per KID subset (adapted down for small sets, with a warning)."
     )
-    seed: int = Field(2020, description="Seed of the KID subsets and the reservoir sample (2020 = torch-fidelity's).")
+    reservoir_size: int = Field(
+        10_000,
+        ge=2,
+        description="Rows per set kept (seeded, shard-order independent) for kernel distances and floors.",
+    )
+    seed: int = Field(
+        2020, description="Seed of the KID subsets and the reservoir sample (2020 = torch-fidelity's)."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -113,7 +129,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MetricsError("device 'cuda' was requested for feature extraction but CUDA is not available here")
+        raise MetricsError(
+            "device 'cuda' was requested for feature extraction but CUDA is not available here"
+        )
     return dev
 
 
@@ -227,7 +245,9 @@ def kaiming_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as tmp:
         empty = Path(tmp) / "empty.pth"
         torch.save({}, empty)
-        net = _ArchitectureOnly(INCEPTION_EXTRACTOR_NAME, [INCEPTION_FEATURE_LAYER], feature_extractor_weights_path=str(empty))
+        net = _ArchitectureOnly(
+            INCEPTION_EXTRACTOR_NAME, [INCEPTION_FEATURE_LAYER], feature_extractor_weights_path=str(empty)
+        )
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for module in net.modules():
@@ -294,7 +314,9 @@ class DomainFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4):
-            raise MetricsError(f"the domain extractor expects uint8 (N, C, H, W) images, got {getattr(x, 'dtype', type(x))}")
+            raise MetricsError(
+                f"the domain extractor expects uint8 (N, C, H, W) images, got {getattr(x, 'dtype', type(x))}"
+            )
         features = self.network.features(self.network.prepare(x)).to(torch.float32)  # (N, D)
         return (features,)
 
@@ -305,7 +327,9 @@ def register_domain_extractor() -> None:
         register_feature_extractor(DOMAIN_EXTRACTOR_NAME, DomainFeatureExtractor)
 
 
-def create_domain_extractor(network: DomainNet, device: str | torch.device | None = None) -> DomainFeatureExtractor:
+def create_domain_extractor(
+    network: DomainNet, device: str | torch.device | None = None
+) -> DomainFeatureExtractor:
     """Our path's domain extractor around an in-memory network (switched to eval mode, no grads)."""
     register_domain_extractor()
     extractor = DomainFeatureExtractor(DOMAIN_EXTRACTOR_NAME, [DOMAIN_FEATURE_LAYER], network=network)
@@ -350,7 +374,11 @@ def _features_of(extractor: FeatureExtractorBase, batch: torch.Tensor, device: t
 
 
 def extract_features(
-    extractor: FeatureExtractorBase, images: Images, *, batch_size: int = 64, device: str | torch.device | None = None
+    extractor: FeatureExtractorBase,
+    images: Images,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """All features (N, D) float32 on CPU, extracted in batches (for KD, memorisation, tests)."""
     dev = next(extractor.parameters()).device if device is None else resolve_device(device)
@@ -389,7 +417,9 @@ def summarise_images(
         else:
             ids = row_ids[offset : offset + n]
             if len(ids) != n:
-                raise MetricsError(f"got fewer row ids ({len(row_ids)}) than images (more than {offset + len(ids)})")
+                raise MetricsError(
+                    f"got fewer row ids ({len(row_ids)}) than images (more than {offset + len(ids)})"
+                )
         summary.update(feats, list(ids))
         offset += n
     if summary is None:

@@ -7,9 +7,10 @@ scores near the percentile itself (about 0.05), since 5% of real test images pas
 
 Distance: Euclidean in the domain network's pooled features by default (the space the domain
 FD/KD are measured in); ``metric="cosine"`` uses 1 - cosine similarity instead, which ignores the
-feature norm. Distances are computed in float64 in chunks of queries x reference rows, so an exact
-copy of a training image has distance 0 (float32 ``|a|^2 + |b|^2 - 2ab`` would leave ~1e-3 noise)
-and memory stays bounded (``chunk_size^2`` doubles) however large the sets.
+feature norm. Distances are computed in float64, centred on the training mean, in chunks of
+queries x reference rows, so an exact copy of a training image has distance ~0 (float32
+``|a|^2 + |b|^2 - 2ab`` would leave ~1e-3 noise) and memory stays bounded (``chunk_size^2`` doubles)
+however large the sets.
 
 Shape legend: Q query rows, R reference (training) rows, D feature width.
 """
@@ -37,16 +38,22 @@ Metric = Literal["euclidean", "cosine"]
 
 
 def _as_float64(features: Any, what: str) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features))
+    tensor = torch.as_tensor(
+        np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features)
+    )
     tensor = tensor.to(torch.float64)
     if tensor.ndim != 2 or tensor.shape[0] == 0:
-        raise MetricsError(f"{what} must be a non-empty (N, D) feature array, got shape {tuple(tensor.shape)}")
+        raise MetricsError(
+            f"{what} must be a non-empty (N, D) feature array, got shape {tuple(tensor.shape)}"
+        )
     if not torch.isfinite(tensor).all():
         raise MetricsError(f"{what} contain NaN or infinity")
     return tensor
 
 
-def nearest_distances(queries: Any, reference: Any, *, metric: Metric = "euclidean", chunk_size: int = 2048) -> np.ndarray:
+def nearest_distances(
+    queries: Any, reference: Any, *, metric: Metric = "euclidean", chunk_size: int = 2048
+) -> np.ndarray:
     """Distance (Q,) from each query row to its nearest reference row, computed in bounded chunks.
 
     Args:
@@ -66,6 +73,11 @@ def nearest_distances(queries: Any, reference: Any, *, metric: Metric = "euclide
     if metric == "cosine":
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
         r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    else:
+        # Euclidean distances ignore a common shift; centring on the reference mean keeps the norms in
+        # the expansion below small, so a large feature offset cannot swamp the distances in rounding.
+        shift = r.mean(dim=0, keepdim=True)  # (1, D)
+        q, r = q - shift, r - shift
     out = torch.full((q.shape[0],), float("inf"), dtype=torch.float64)
     q_sq = (q * q).sum(dim=1)  # (Q,)
     r_sq = (r * r).sum(dim=1)  # (R,)
@@ -75,7 +87,11 @@ def nearest_distances(queries: Any, reference: Any, *, metric: Metric = "euclide
         for rs in range(0, r.shape[0], chunk_size):
             r_chunk = r[rs : rs + chunk_size]  # (r, D)
             # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, in float64 (exact copies give ~1e-15, clamped at 0).
-            d2 = q_sq[qs : qs + chunk_size, None] + r_sq[None, rs : rs + chunk_size] - 2.0 * (q_chunk @ r_chunk.T)
+            d2 = (
+                q_sq[qs : qs + chunk_size, None]
+                + r_sq[None, rs : rs + chunk_size]
+                - 2.0 * (q_chunk @ r_chunk.T)
+            )
             best = torch.minimum(best, d2.min(dim=1).values)
         out[qs : qs + chunk_size] = best
     out = out.clamp_min(0.0)
@@ -112,7 +128,12 @@ def memorisation_threshold(
 
 
 def count_memorised(
-    generated_features: Any, train_features: Any, threshold: float, *, metric: Metric = "euclidean", chunk_size: int = 2048
+    generated_features: Any,
+    train_features: Any,
+    threshold: float,
+    *,
+    metric: Metric = "euclidean",
+    chunk_size: int = 2048,
 ) -> tuple[int, np.ndarray]:
     """How many generated rows are strictly nearer than ``threshold`` to a training row (per shard; sums merge).
 
@@ -157,7 +178,9 @@ def memorisation(
     threshold, test_nn = memorisation_threshold(
         test_features, train_features, percentile=percentile, metric=metric, chunk_size=chunk_size
     )
-    flagged, gen_nn = count_memorised(generated_features, train_features, threshold, metric=metric, chunk_size=chunk_size)
+    flagged, gen_nn = count_memorised(
+        generated_features, train_features, threshold, metric=metric, chunk_size=chunk_size
+    )
     result = MemorisationResult(
         share=flagged / len(gen_nn),
         flagged=flagged,

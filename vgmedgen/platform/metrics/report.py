@@ -60,7 +60,9 @@ class EvaluationReport:
     distances: list[DistanceRow]
     model_version: str | None = None
     memorisation: MemorisationResult | None = None
-    scalars: dict[str, float] = field(default_factory=dict)  # other numbers (controllability, downstream, ...)
+    scalars: dict[str, float] = field(
+        default_factory=dict
+    )  # other numbers (controllability, downstream, ...)
     warnings: list[str] = field(default_factory=list)
     # Nearest-neighbour distances for the memorisation histogram (not written to JSON).
     generated_nearest: np.ndarray | None = None
@@ -114,7 +116,9 @@ def markdown_report(report: EvaluationReport) -> str:
     ]
     for r in report.distances:
         value = _fmt(r.value) + (f" ± {_fmt(r.std, 2)}" if r.std is not None else "")
-        floor = _fmt(r.floor) + (f" ± {_fmt(r.floor_std, 2)}" if r.floor_std is not None and math.isfinite(r.floor) else "")
+        floor = _fmt(r.floor) + (
+            f" ± {_fmt(r.floor_std, 2)}" if r.floor_std is not None and math.isfinite(r.floor) else ""
+        )
         lines.append(
             f"| {r.metric} | {value} | {floor} | {_fmt(r.ratio, 3)} | {r.n_generated} | {r.n_reference} | "
             f"{r.extractor} | {r.note} |"
@@ -148,7 +152,13 @@ def _plot_distances(rows: Sequence[DistanceRow], path: Path) -> None:
     for ax, r in zip(axes, rows):
         values = [r.value, r.floor if math.isfinite(r.floor) else 0.0]
         errors = [r.std or 0.0, (r.floor_std or 0.0) if math.isfinite(r.floor) else 0.0]
-        ax.bar(["generated", "floor"], values, yerr=errors, color=["#c0504d", "#4f81bd"], capsize=3)
+        ax.bar(
+            ["generated", "floor"],
+            values,
+            yerr=errors if any(errors) else None,
+            color=["#c0504d", "#4f81bd"],
+            capsize=3,
+        )
         ax.set_title(f"{r.metric} (N={r.n_generated})", fontsize=9)
         if not math.isfinite(r.floor):
             ax.text(1, 0, "n/a", ha="center", va="bottom", fontsize=8)
@@ -167,7 +177,12 @@ def _plot_memorisation(m: MemorisationResult, gen: np.ndarray, test: np.ndarray,
     bins = np.histogram_bin_edges(np.concatenate([gen, test]), bins=30)
     ax.hist(test, bins=bins, alpha=0.6, density=True, label="real test -> train", color="#4f81bd")
     ax.hist(gen, bins=bins, alpha=0.6, density=True, label="generated -> train", color="#c0504d")
-    ax.axvline(m.threshold, color="k", linestyle="--", label=f"{m.percentile:g}th pct ({100 * m.share:.1f}% gen. below)")
+    ax.axvline(
+        m.threshold,
+        color="k",
+        linestyle="--",
+        label=f"{m.percentile:g}th pct ({100 * m.share:.1f}% gen. below)",
+    )
     ax.set_xlabel(f"nearest training image ({m.metric} distance)", fontsize=9)
     ax.set_ylabel("density", fontsize=9)
     ax.legend(fontsize=7)
@@ -191,7 +206,11 @@ def write_report(report: EvaluationReport, out_dir: str | Path) -> dict[str, Pat
     if report.distances:
         paths["distances_png"] = out / "distances.png"
         _plot_distances(report.distances, paths["distances_png"])
-    if report.memorisation is not None and report.generated_nearest is not None and report.test_nearest is not None:
+    if (
+        report.memorisation is not None
+        and report.generated_nearest is not None
+        and report.test_nearest is not None
+    ):
         paths["memorisation_png"] = out / "memorisation.png"
         _plot_memorisation(
             report.memorisation, report.generated_nearest, report.test_nearest, paths["memorisation_png"]

@@ -49,7 +49,9 @@ def _as_float64_2d(features: Any, what: str = "features") -> np.ndarray:
         features = features.detach().to("cpu", torch.float64).numpy()
     array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2:
-        raise MetricsError(f"{what} must be a 2-D (N, D) array of feature rows, got shape {tuple(array.shape)}")
+        raise MetricsError(
+            f"{what} must be a 2-D (N, D) array of feature rows, got shape {tuple(array.shape)}"
+        )
     if not np.all(np.isfinite(array)):
         raise MetricsError(
             f"{what} contain NaN or infinity: the feature extractor produced non-finite values "
@@ -97,7 +99,9 @@ class FeatureStats:
         """Add a batch of feature rows (N, D) (numpy or torch, any float dtype); returns self."""
         array = _as_float64_2d(features)
         if array.shape[1] != self.dim:
-            raise MetricsError(f"feature width {array.shape[1]} does not match these statistics' width {self.dim}")
+            raise MetricsError(
+                f"feature width {array.shape[1]} does not match these statistics' width {self.dim}"
+            )
         n_b = array.shape[0]
         if n_b == 0:
             return self
@@ -123,7 +127,9 @@ class FeatureStats:
         if not isinstance(other, FeatureStats):
             raise MetricsError(f"can only merge FeatureStats with FeatureStats, got {type(other).__name__}")
         if other.dim != self.dim:
-            raise MetricsError(f"cannot merge statistics of width {self.dim} and {other.dim}: different extractors?")
+            raise MetricsError(
+                f"cannot merge statistics of width {self.dim} and {other.dim}: different extractors?"
+            )
         out = self.copy()
         if other.count:
             out._combine(other.count, other._mean, other._m2)
@@ -215,7 +221,9 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
         raise MetricsError(f"cannot compare features of width {stats_a.dim} and {stats_b.dim}")
     for name, stats in (("first", stats_a), ("second", stats_b)):
         if stats.count < 2:
-            raise MetricsError(f"the {name} set has {stats.count} feature rows; the Frechet distance needs >= 2")
+            raise MetricsError(
+                f"the {name} set has {stats.count} feature rows; the Frechet distance needs >= 2"
+            )
         if stats.count <= stats.dim:
             warnings.warn(
                 f"the {name} set has {stats.count} rows for {stats.dim}-D features: its covariance is singular "
@@ -314,11 +322,15 @@ def kernel_distance(
     a = np.asarray(features_a, dtype=dtype)
     b = np.asarray(features_b, dtype=dtype)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise MetricsError(f"kernel_distance needs (N, D) features of equal width, got {a.shape} and {b.shape}")
+        raise MetricsError(
+            f"kernel_distance needs (N, D) features of equal width, got {a.shape} and {b.shape}"
+        )
     if int(subsets) < 1:
         raise MetricsError(f"subsets must be >= 1, got {subsets}")
     if int(subset_size) < 2:
-        raise MetricsError(f"subset_size must be >= 2 (the unbiased MMD divides by m (m - 1)), got {subset_size}")
+        raise MetricsError(
+            f"subset_size must be >= 2 (the unbiased MMD divides by m (m - 1)), got {subset_size}"
+        )
     n_a, n_b = a.shape[0], b.shape[0]
     if min(n_a, n_b) < 2:
         raise MetricsError(f"the kernel distance needs at least 2 rows per set, got {n_a} and {n_b}")
@@ -386,8 +398,9 @@ class FeatureReservoir:
     Each row gets a key from (seed, row id) (:func:`row_keys`); the reservoir keeps the ``capacity``
     rows with the smallest (key, id). The kept set is therefore a uniform sample of all rows seen,
     identical for any split into shards and any merge order. Rows are kept sorted by (key, id), so
-    even the order of :attr:`features` is deterministic. A row id seen twice is an error: it means a
-    shard was counted twice, which would also double its weight in :class:`FeatureStats`.
+    even the order of :attr:`features` is deterministic. A row id found twice among the kept rows is
+    an error: it means a shard was counted twice, which would also double its weight in
+    :class:`FeatureStats` (rows that fall outside the sample cannot be checked).
     """
 
     def __init__(self, capacity: int, dim: int, seed: int = 0) -> None:
@@ -414,6 +427,9 @@ class FeatureReservoir:
         return len(self._ids)
 
     def _absorb(self, features: np.ndarray, keys: np.ndarray, ids: list[str], seen: int) -> None:
+        if not ids:
+            self.seen += seen
+            return
         all_ids = self._ids + ids
         if len(set(all_ids)) != len(all_ids):
             dupes = sorted({i for i in all_ids if all_ids.count(i) > 1})[:5]
@@ -441,6 +457,11 @@ class FeatureReservoir:
         ids = [str(i) for i in row_ids]
         keys = row_keys(self.seed, ids)
         seen = len(ids)
+        if len(self._ids) == self.capacity:
+            # Full: a row whose key exceeds the largest kept key can never enter (the common case
+            # once the reservoir has filled, so a long stream costs little more than the hashing).
+            enter = np.flatnonzero(keys <= self._keys[-1])
+            array, keys, ids = array[enter], keys[enter], [ids[i] for i in enter]
         # Prefilter: the bottom-k of a union lies within the union of the parts' bottom-k.
         if len(ids) > self.capacity:
             cut = _bottom_k(keys, ids, self.capacity)
@@ -451,7 +472,9 @@ class FeatureReservoir:
     def merge(self, other: FeatureReservoir) -> FeatureReservoir:
         """A new reservoir with the bottom-k rows of both (neither input is changed)."""
         if not isinstance(other, FeatureReservoir):
-            raise MetricsError(f"can only merge FeatureReservoir with FeatureReservoir, got {type(other).__name__}")
+            raise MetricsError(
+                f"can only merge FeatureReservoir with FeatureReservoir, got {type(other).__name__}"
+            )
         if (other.capacity, other.dim, other.seed) != (self.capacity, self.dim, self.seed):
             raise MetricsError(
                 "cannot merge reservoirs with different (capacity, dim, seed): "

@@ -144,6 +144,8 @@ def train_loop(
     if start >= cfg.steps:
         if ctx.rank == 0:
             log.info("[%s] already finished (%d steps); nothing to train", task.name, cfg.steps)
+            if export_dir is not None:
+                task.export(export_dir)  # the driver may have stopped before it recorded the export
         return {}
 
     if ctx.world > 1:

@@ -1,0 +1,432 @@
+"""VG-MedGen assembled: the model config and presets, the model version on disk, conditions and sampling.
+
+A model version is one directory::
+
+    model_config.json        the resolved ModelConfig
+    visual/                  stage 1: model.safetensors, config.json, manifest.json
+    text/                    stage 2: encoder/ (a transformers BERT dir), heads.safetensors, config.json, manifest.json
+    generator/               stage 3: trainable.safetensors (backbone or LoRA + HFFM), ema.safetensors,
+                             lora/ (the peft adapter in the format diffusers' load_lora_adapter reads, LoRA mode),
+                             config.json, manifest.json
+    manifest.json            sha256 of every file above
+
+Each part is written by the stage that trains it (``save_visual``/``save_text``/``save_generator``);
+loading checks the content hashes and never unpickles. The paths come from the caller
+(``platform/``): this module only opens files through safetensors and the libraries'
+``from_pretrained``/``save_pretrained``.
+
+Shape legend: N batch, A anatomy prior width, S style width, H/W image size, L caption tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vgmedgen.model.configbase import ConfigError, StrictConfig
+from vgmedgen.model.ema import EMA
+from vgmedgen.model.generator import GENERATOR_PRESETS, Generator, GeneratorConfig, build_generator
+from vgmedgen.model.sampler import SamplerConfig, sample
+from vgmedgen.model.text import TEXT_PRESETS, TextConfig, TextDisentangler, TextEncoder
+from vgmedgen.model.visual import VISUAL_PRESETS, VisualConfig, VisualDisentangler
+
+__all__ = [
+    "MODEL_PRESETS",
+    "ModelConfig",
+    "ModelVersionError",
+    "VGMedGen",
+    "load_generator",
+    "load_text",
+    "load_visual",
+    "save_generator",
+    "save_text",
+    "save_visual",
+    "write_manifest",
+    "verify_manifest",
+]
+
+PRESET_NAMES = ("tiny", "demo", "pixart-512")
+
+
+class ModelVersionError(FileNotFoundError):
+    """A model version (or one of its parts) is missing, altered or does not fit its config."""
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _preset_dicts(name: str) -> dict[str, Any]:
+    return {
+        "visual": VISUAL_PRESETS[name].model_dump(mode="python", exclude_unset=False),
+        "text": TEXT_PRESETS[name].model_dump(mode="python"),
+        "generator": dict(GENERATOR_PRESETS[name]),
+        "sampler": {},
+    }
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {name: _preset_dicts(name) for name in PRESET_NAMES}
+
+
+class ModelConfig(StrictConfig):
+    """The whole model: a named preset, then per-component overrides on top of it.
+
+    ``preset`` picks complete defaults for every component from :data:`MODEL_PRESETS`; any field
+    given under ``visual``, ``text``, ``generator`` or ``sampler`` overrides the preset's value.
+    The widths that tie components together (the priors' sizes A and S, the BERT width of the
+    ``hybrid`` caption tokens) are derived from the visual and text configs; setting them to
+    something else is an error.
+    """
+
+    preset: str = "tiny"
+    visual: VisualConfig
+    text: TextConfig
+    generator: GeneratorConfig
+    sampler: SamplerConfig = SamplerConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, data: Any) -> Any:
+        if isinstance(data, BaseModel) or not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        preset = data.get("preset", "tiny")
+        if preset not in MODEL_PRESETS:
+            import difflib
+
+            hint = difflib.get_close_matches(str(preset), PRESET_NAMES, n=1)
+            raise ValueError(
+                f"unknown model preset {preset!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                f"valid presets: {', '.join(PRESET_NAMES)}"
+            )
+        base = MODEL_PRESETS[preset]
+        out = {k: v for k, v in data.items() if k not in ("visual", "text", "generator", "sampler")}
+        user: dict[str, dict[str, Any]] = {}
+        for part in ("visual", "text", "generator", "sampler"):
+            given = data.get(part) or {}
+            if isinstance(given, BaseModel):
+                given = given.model_dump(mode="python")
+            if not isinstance(given, Mapping):
+                return data  # let field validation report the wrong type
+            user[part] = dict(given)
+            out[part] = _deep_merge(base[part], given)
+        try:
+            vis = VisualConfig.model_validate(out["visual"])
+            text_width = TextConfig.model_validate(out["text"]).encoder_hidden
+        except Exception:
+            return out  # the field validators report the problem with its path
+        derived = {
+            ("text", "anatomy_dim"): vis.anatomy_prior_dim,
+            ("text", "style_dim"): vis.style_prior_dim,
+            ("generator", "hffm", "anatomy_dim"): vis.anatomy_prior_dim,
+            ("generator", "hffm", "style_dim"): vis.style_prior_dim,
+            ("generator", "hffm", "text_width"): text_width,
+        }
+        for path, value in derived.items():
+            given_node: Any = user
+            for p in path[:-1]:
+                given_node = given_node.get(p, {}) if isinstance(given_node, Mapping) else {}
+            if isinstance(given_node, Mapping) and path[-1] in given_node and given_node[path[-1]] != value:
+                raise ValueError(
+                    f"{'.'.join(path)}={given_node[path[-1]]} contradicts the visual/text configs, which "
+                    f"give {value}; leave it out (it is derived)"
+                )
+            node = out
+            for p in path[:-1]:
+                node = node.setdefault(p, {})
+            node[path[-1]] = value
+        return out
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images the model generates (and trains on), in pixels."""
+        g = self.generator
+        factor = 1 if g.vae_dir is None else 8
+        return g.backbone.sample_size * factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests: content hashes of every file of a part or a model version
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``manifest.json`` with the sha256 of every other file under ``directory``."""
+    directory = Path(directory)
+    files = {
+        str(p.relative_to(directory)): _sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+    manifest = {"files": files, **(extra or {})}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def verify_manifest(directory: Path) -> dict[str, Any]:
+    """Check every file listed in ``manifest.json`` exists with its recorded hash."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise ModelVersionError(f"{directory} is not a saved model part or version: manifest.json is missing")
+    manifest = json.loads(path.read_text())
+    for rel, digest in manifest["files"].items():
+        f = directory / rel
+        if not f.is_file():
+            raise ModelVersionError(f"{f} is listed in {path} but missing; the model version is incomplete")
+        if _sha256(f) != digest:
+            raise ModelVersionError(f"{f} does not match its hash in {path}: the file was changed or corrupted")
+    return manifest
+
+
+def _load_tensors(path: Path, module: nn.Module, what: str, strict: bool = True) -> None:
+    if not path.is_file():
+        raise ModelVersionError(f"{what} weights {path} are missing")
+    tensors = load_file(str(path))
+    own = module.state_dict()
+    for name, t in tensors.items():
+        if name in own and own[name].shape != t.shape:
+            raise ModelVersionError(
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)} but the model expects {tuple(own[name].shape)}; "
+                "the weights were saved with a different config"
+            )
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if unexpected or (strict and missing):
+        raise ModelVersionError(
+            f"{path} does not fit the {what} config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The three parts
+# ---------------------------------------------------------------------------------------------
+
+
+def save_visual(model: VisualDisentangler, directory: Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(model.config.model_dump_json(indent=2))
+    write_manifest(directory, {"part": "visual"})
+
+
+def load_visual(directory: Path, config: VisualConfig | None = None) -> VisualDisentangler:
+    directory = Path(directory)
+    verify_manifest(directory)
+    config = config or VisualConfig.model_validate_json((directory / "config.json").read_text())
+    model = VisualDisentangler(config)
+    _load_tensors(directory / "model.safetensors", model, "visual disentangler")
+    return model.eval()
+
+
+def save_text(model: TextDisentangler, directory: Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.encoder.save_pretrained(directory / "encoder")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(directory / "heads.safetensors"))
+    (directory / "config.json").write_text(model.config.model_dump_json(indent=2))
+    write_manifest(directory, {"part": "text"})
+
+
+def load_text(directory: Path, config: TextConfig | None = None) -> TextDisentangler:
+    directory = Path(directory)
+    verify_manifest(directory)
+    config = config or TextConfig.model_validate_json((directory / "config.json").read_text())
+    encoder = TextEncoder.from_pretrained(directory / "encoder", max_length=config.max_length, frozen=config.frozen)
+    model = TextDisentangler(config, encoder)
+    _load_tensors(directory / "heads.safetensors", model.heads, "text heads")
+    return model.eval()
+
+
+def save_generator(model: Generator, ema: EMA | None, directory: Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    trained = {n: p.detach().float().cpu().contiguous() for n, p in model.named_trainable_parameters()}
+    save_file(trained, str(directory / "trainable.safetensors"))
+    if ema is not None:
+        save_file({n: s.detach().float().cpu().contiguous() for n, s in ema.shadow.items()}, str(directory / "ema.safetensors"))
+        (directory / "ema.json").write_text(json.dumps({"decay": ema.decay, "num_updates": ema.num_updates}))
+    if model.lora_modules:
+        model.save_lora_adapter(directory / "lora")
+    (directory / "config.json").write_text(model.cfg.model_dump_json(indent=2))
+    write_manifest(directory, {"part": "generator", "parameter_counts": model.parameter_counts()})
+
+
+def load_generator(directory: Path, config: GeneratorConfig | None = None) -> tuple[Generator, EMA | None]:
+    directory = Path(directory)
+    verify_manifest(directory)
+    config = config or GeneratorConfig.model_validate_json((directory / "config.json").read_text())
+    model = build_generator(config)
+    trained = dict(model.named_trainable_parameters())
+    path = directory / "trainable.safetensors"
+    tensors = load_file(str(path))
+    if set(tensors) != set(trained):
+        raise ModelVersionError(
+            f"{path} does not fit the generator config: missing {sorted(set(trained) - set(tensors))[:5]}, "
+            f"unexpected {sorted(set(tensors) - set(trained))[:5]}"
+        )
+    with torch.no_grad():
+        for name, p in trained.items():
+            if p.shape != tensors[name].shape:
+                raise ModelVersionError(
+                    f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}"
+                )
+            p.copy_(tensors[name].to(p.dtype))
+    ema = None
+    if (directory / "ema.safetensors").is_file():
+        meta = json.loads((directory / "ema.json").read_text())
+        ema = EMA(model, meta["decay"])
+        ema.load_state_dict({**meta, "warmup": True, "shadow": load_file(str(directory / "ema.safetensors"))})
+    return model, ema
+
+
+# ---------------------------------------------------------------------------------------------
+# The assembled model
+# ---------------------------------------------------------------------------------------------
+
+
+class VGMedGen(nn.Module):
+    """The three trained parts together: conditions from text or reference images, images, pseudo-masks.
+
+    Args:
+        config: the model config.
+        visual: stage 1 (visual priors of reference images; pseudo-masks of generated ones).
+        text: stage 2 (captions -> t_a, t_s).
+        generator: stage 3.
+        ema: the EMA of the generator's trained weights; sampling uses it when present.
+    """
+
+    def __init__(
+        self, config: ModelConfig, visual: VisualDisentangler, text: TextDisentangler, generator: Generator,
+        ema: EMA | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = visual.eval()
+        self.text = text.eval()
+        self.generator = generator.eval()
+        self.ema = ema
+
+    # -- disk ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the model version directory (layout in the module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_visual(self.visual, directory / "visual")
+        save_text(self.text, directory / "text")
+        save_generator(self.generator, self.ema, directory / "generator")
+        assemble_model_version(self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VGMedGen:
+        """Load a model version directory (content hashes checked, nothing unpickled)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelVersionError(f"Model version directory {directory} does not exist")
+        verify_manifest(directory)
+        config = ModelConfig.model_validate_json((directory / "model_config.json").read_text())
+        visual = load_visual(directory / "visual", config.visual)
+        text = load_text(directory / "text", config.text)
+        generator, ema = load_generator(directory / "generator", config.generator)
+        model = cls(config, visual, text, generator, ema).to(device)
+        if ema is not None:
+            ema.to(device)
+        return model
+
+    # -- conditions -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def conditions_from_captions(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """One caption per image, split by the stage-2 heads into ``t_a (N, A)``, ``t_s (N, S)``."""
+        out = self.text(list(captions))
+        return {"t_a": out.t_a, "t_s": out.t_s, "text_tokens": out.token_embeds, "text_mask": out.attention_mask}
+
+    @torch.no_grad()
+    def conditions_from_prompts(self, anatomy: Sequence[str], style: Sequence[str]) -> dict[str, torch.Tensor]:
+        """An anatomy prompt and a style prompt per image (the swap that shows control)."""
+        t_a, t_s = self.text.split_separate(list(anatomy), list(style))
+        conditions: dict[str, torch.Tensor] = {"t_a": t_a, "t_s": t_s}
+        if self.generator.hffm.uses_text:
+            out = self.text([f"{a} {s}" for a, s in zip(anatomy, style)])
+            conditions.update(text_tokens=out.token_embeds, text_mask=out.attention_mask)
+        return conditions
+
+    @torch.no_grad()
+    def conditions_from_reference(
+        self, images: torch.Tensor, style: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Anatomy from reference images (N, 3, H, W in [-1, 1]) via the visual priors; style from
+        the images too, or from style prompts when given. The caption channel stays null."""
+        prior_a, prior_s = self.visual.priors(images.to(self._device))
+        if style is not None:
+            _, prior_s = self.text.split_separate(list(style), list(style))
+        return {"t_a": prior_a, "t_s": prior_s}
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        conditions: Mapping[str, torch.Tensor],
+        seeds: Sequence[int],
+        sampler: SamplerConfig | None = None,
+        use_ema: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 3, H, W) in [0, 1] and their stage-1 pseudo-masks (N, 1, H, W) in [0, 1].
+
+        Image i depends only on (conditions[i], seeds[i]) and the model.
+        """
+        cfg = sampler or self.config.sampler
+        kwargs = {k: conditions[k] for k in ("text_tokens", "text_mask") if k in conditions}
+        if self.ema is not None and use_ema:
+            with self.ema.swapped_in(self.generator):
+                images = sample(self.generator, conditions["t_a"], conditions["t_s"], list(seeds), cfg=cfg, **kwargs)
+        else:
+            images = sample(self.generator, conditions["t_a"], conditions["t_s"], list(seeds), cfg=cfg, **kwargs)
+        masks = self.visual.segment(images * 2.0 - 1.0)  # (N, 1, H, W)
+        return images, masks
+
+
+def assemble_model_version(config: ModelConfig, directory: Path) -> dict[str, Any]:
+    """Write ``model_config.json`` and the version's manifest over parts already in ``directory``."""
+    directory = Path(directory)
+    for part in ("visual", "text", "generator"):
+        verify_manifest(directory / part)
+    (directory / "model_config.json").write_text(config.model_dump_json(indent=2))
+    return write_manifest(directory, {"kind": "vgmedgen-model-version", "preset": config.preset})
+
+
+def build_model(config: ModelConfig, text_encoder_dir: Path) -> VGMedGen:
+    """A fresh, untrained model (the text encoder loads from ``text_encoder_dir``)."""
+    if not Path(text_encoder_dir).is_dir():
+        raise ConfigError(f"text encoder directory {text_encoder_dir} does not exist")
+    return VGMedGen(
+        config,
+        VisualDisentangler(config.visual),
+        TextDisentangler.from_config(config.text, text_encoder_dir),
+        build_generator(config.generator),
+    )

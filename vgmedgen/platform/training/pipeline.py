@@ -1,0 +1,138 @@
+"""The train job: prepare records if needed, run the configured stages, assemble and register the model version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vgmedgen.model.vgmedgen import assemble_model_version
+from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.training.runner import PARTS, StageResult, run_stage
+
+__all__ = ["TrainSummary", "train_experiment", "ensure_text_encoder"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSummary:
+    model_version: Path
+    stages: list[StageResult]
+    seconds: float
+    mlflow_run_id: str | None = None
+    registered: str | None = None
+    tracking_uri: str | None = None
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def ensure_text_encoder(cfg: ExperimentConfig) -> Path:
+    """The text encoder directory: ``model.text.encoder_dir`` when set, else a small random BERT whose
+    word-level vocabulary comes from the training records' texts (built once, reused)."""
+    from vgmedgen.model.text import build_text_encoder, vocabulary_from_texts
+    from vgmedgen.platform.records import read_records
+
+    text = cfg.model.text
+    if text.encoder_dir is not None:
+        if not Path(text.encoder_dir).is_dir():
+            raise FileNotFoundError(
+                f"model.text.encoder_dir {text.encoder_dir} does not exist; point it at a local BERT-family encoder "
+                "(e.g. Bio_ClinicalBERT) or leave it unset to build a small one from the captions"
+            )
+        return Path(text.encoder_dir)
+    table = read_records(cfg.records_dir, columns=["split", "caption", "anatomy_text", "style_text"])
+    texts = [
+        t
+        for split, *row in zip(*(table.column(c).to_pylist() for c in ("split", "caption", "anatomy_text", "style_text")))
+        if split == "train"
+        for t in row
+    ]
+    words = vocabulary_from_texts(texts)
+    key = hashlib.sha256(
+        json.dumps([words, text.encoder_hidden, text.encoder_layers, text.encoder_heads, cfg.seed]).encode()
+    ).hexdigest()[:12]
+    out = cfg.root / "encoders" / f"{cfg.data.records_name}-{key}"
+    if not (out / "config.json").is_file():
+        tmp = out.parent / f".{out.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_text_encoder(
+            words, tmp, hidden=text.encoder_hidden, layers=text.encoder_layers, heads=text.encoder_heads,
+            seed=cfg.seed, max_position=max(text.max_length, 64),
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def _parts_from(directory: Path) -> dict[str, Path]:
+    return {p: directory / p for p in ("visual", "text", "generator") if (directory / p / "manifest.json").is_file()}
+
+
+def train_experiment(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False) -> TrainSummary:
+    """Run ``cfg.train.stages`` and return the assembled model version.
+
+    Args:
+        cfg: the experiment.
+        address: Ray cluster address (None: ``RAY_ADDRESS`` or a local instance).
+        fresh: retrain stages that finished earlier.
+    """
+    from vgmedgen.platform.cluster import connect
+    from vgmedgen.platform.prepare import prepare_records
+    from vgmedgen.platform.tracking import Tracker
+
+    t0 = time.perf_counter()
+    cfg.check_trainable()
+    if cfg.train.scaling.num_workers > 0 or cfg.data.dataset != "synthderm" or not cfg.records_dir.exists():
+        connect(address)
+    prepare_records(cfg, address=address)
+    tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
+    parts: dict[str, Path] = {}
+    if cfg.train.init_from:
+        base = tracker.resolve(cfg.train.init_from) if tracker else Path(cfg.train.init_from)
+        if not base.is_dir():
+            raise FileNotFoundError(f"train.init_from {cfg.train.init_from} is not a model version directory")
+        parts.update(_parts_from(base))
+    parts["text_encoder"] = ensure_text_encoder(cfg)
+    job_key = hashlib.sha256(cfg.model_dump_json(exclude={"train": {"scaling"}, "tracking": True}).encode()).hexdigest()[:12]
+    parent = None
+    if tracker is not None:
+        parent = tracker.run(key=f"{cfg.name}-job-{job_key}", name=f"{cfg.name}-train", tags={"job": "train"})
+        tracker.log_params(parent, cfg.model_dump(mode="json"))
+    results = []
+    for stage in cfg.train.stages:
+        inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}
+        if stage == "align":
+            inputs["text_encoder"] = parts["text_encoder"]
+        inputs = {k: v for k, v in inputs.items() if stage != "visual"}
+        res = run_stage(cfg, stage, inputs, tracker=tracker, parent_run_id=parent, fresh=fresh)
+        parts[PARTS[stage]] = res.export_dir
+        results.append(res)
+
+    missing = [p for p in ("visual", "text", "generator") if p not in parts]
+    if missing:
+        raise FileNotFoundError(f"No {', '.join(missing)} part: run those stages or set train.init_from")
+    version = hashlib.sha256("|".join(r.run_name for r in results).encode() + str(sorted(
+        (k, str(v)) for k, v in parts.items())).encode()).hexdigest()[:12]
+    version_dir = cfg.root / "models" / cfg.name / version
+    if not (version_dir / "manifest.json").is_file():
+        tmp = version_dir.parent / f".{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for part in ("visual", "text", "generator"):
+            shutil.copytree(parts[part], tmp / part)
+        assemble_model_version(cfg.model, tmp)
+        shutil.rmtree(version_dir, ignore_errors=True)
+        tmp.rename(version_dir)
+    summary = TrainSummary(version_dir, results, time.perf_counter() - t0, parent)
+    if tracker is not None:
+        summary.tracking_uri = tracker.uri
+        client = tracker.client
+        logged = {a.path for a in client.list_artifacts(parent)}
+        if "model_version" not in logged:
+            tracker.log_artifacts(parent, version_dir, "model_version")
+        summary.registered = f"{tracker.model_name} v{tracker.register(parent, 'model_version')} @{cfg.tracking.alias}"
+        tracker.finish(parent)
+    return summary

@@ -1,0 +1,206 @@
+"""Driver side of staged training: one TorchTrainer per stage, resumable by deterministic run names.
+
+A stage's run name is ``<experiment>-<stage>-<hash of its resolved config>-<hash of its inputs>``
+(scaling and logging settings excluded), so re-submitting an interrupted job resumes where it
+stopped (Ray Train restores the latest checkpoint of a run with the same name and storage path,
+and the MLflow run tagged with the same key is reused), re-submitting a finished job trains
+nothing and says so, and a changed config starts a new run. ``--fresh`` moves the old run aside.
+
+The stages hand off through directories: ``visual`` exports ``visual/``, ``align`` exports
+``text/``, ``dit`` exports ``generator/``; the driver then assembles the model version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.training.config import STAGES
+
+__all__ = ["StageResult", "StageInputError", "run_stage", "stage_run_name", "PARTS"]
+
+log = logging.getLogger(__name__)
+
+# What each stage exports into the model version, and which parts it consumes.
+PARTS = {"visual": "visual", "align": "text", "dit": "generator"}
+NEEDS = {"visual": (), "align": ("visual",), "dit": ("visual", "text")}
+DONE = "DONE.json"
+
+
+class StageInputError(FileNotFoundError):
+    """A stage's input checkpoint (an earlier stage's export) is missing; the message says which and how to get it."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_name: str
+    export_dir: Path
+    trained: bool
+    metrics: dict[str, float]
+    mlflow_run_id: str | None = None
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def dir_fingerprint(directory: Path) -> str:
+    """A hash of a stage export's manifest (content hashes) or, lacking one, of its file names and sizes."""
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        return _hash(manifest.read_text())
+    return _hash(sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
+
+
+def stage_identity(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
+    """Everything that determines a stage's result: data, model, the stage's optimisation, the seed."""
+    train = cfg.train.model_dump(mode="json")
+    stage_cfg = {k: v for k, v in train[stage].items() if k not in ("log_every", "fail_at_step", "sample_every")}
+    return {
+        "data": cfg.data.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "stage": stage,
+        "train": stage_cfg,
+        "seed": cfg.seed,
+    }
+
+
+def stage_run_name(cfg: ExperimentConfig, stage: str, inputs: dict[str, Path]) -> str:
+    in_hash = _hash({k: dir_fingerprint(v) for k, v in sorted(inputs.items())}) if inputs else "none"
+    return f"{cfg.name}-{stage}-{_hash(stage_identity(cfg, stage))}-{in_hash}"
+
+
+def run_stage(
+    cfg: ExperimentConfig,
+    stage: str,
+    inputs: dict[str, Path],
+    *,
+    tracker: Any = None,
+    parent_run_id: str | None = None,
+    fresh: bool = False,
+) -> StageResult:
+    """Train one stage (or find it finished) and return where its export lies.
+
+    Args:
+        cfg: the experiment.
+        stage: "visual", "align" or "dit".
+        inputs: part name -> directory of the earlier stages' exports this stage consumes.
+        tracker: a :class:`vgmedgen.platform.tracking.Tracker`, or None to log nowhere.
+        parent_run_id: the job's MLflow parent run.
+        fresh: move an existing run of the same name aside and start anew.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    for part in NEEDS[stage]:
+        d = inputs.get(part)
+        if d is None or not (Path(d) / "manifest.json").is_file():
+            raise StageInputError(
+                f"Stage '{stage}' needs the '{part}' part of an earlier stage, but {d or 'nothing'} holds no "
+                f"exported '{part}' (manifest.json missing). Run the earlier stages too (train.stages) or set "
+                "train.init_from to a model version that has it."
+            )
+    storage = cfg.root / "runs"
+    name = stage_run_name(cfg, stage, inputs)
+    run_dir = storage / name
+    if fresh and run_dir.exists():
+        aside = storage / f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir.rename(aside)
+        log.info("--fresh: moved the earlier run to %s", aside)
+    export_dir = run_dir / "export" / PARTS[stage]
+    done_file = run_dir / DONE
+    stage_cfg = getattr(cfg.train, stage)
+    mlflow_run = None
+    if tracker is not None:
+        mlflow_run = tracker.run(
+            key=name, name=f"{stage}", parent_id=parent_run_id,
+            tags={"stage": stage, "config_hash": _hash(stage_identity(cfg, stage))},
+        )
+    if done_file.is_file():
+        done = json.loads(done_file.read_text())
+        print(f"[{stage}] finished earlier as run {name}; nothing to train (use --fresh to retrain)", flush=True)
+        return StageResult(stage, name, export_dir, False, done.get("metrics", {}), mlflow_run)
+
+    if tracker is not None:
+        tracker.log_params(mlflow_run, {"stage": stage, **stage_identity(cfg, stage)})
+    spec = {
+        "experiment": cfg.model_dump(mode="json"),
+        "stage": stage,
+        "inputs": {k: str(v) for k, v in inputs.items()},
+        "export_dir": str(export_dir),
+        "fault_marker": str(run_dir / "fault_injected"),
+        "tracking": {"uri": tracker.uri, "run_id": mlflow_run} if tracker is not None else None,
+    }
+    sc = cfg.train.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    trainer = TorchTrainer(
+        stage_worker,
+        train_loop_config={"spec": json.dumps(spec)},
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+            placement_strategy=sc.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=stage_cfg.num_to_keep),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if not (export_dir / "manifest.json").is_file():
+        raise RuntimeError(f"stage {stage} finished without writing its export to {export_dir}")
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done_file.write_text(json.dumps({"metrics": metrics, "seconds": time.perf_counter() - t0}))
+    if tracker is not None:
+        tracker.log_artifacts(mlflow_run, export_dir, f"export/{PARTS[stage]}")
+        tracker.finish(mlflow_run)
+    return StageResult(stage, name, export_dir, True, metrics, mlflow_run)
+
+
+def stage_worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (in-process when ``num_workers=0``)."""
+    import torch
+
+    from vgmedgen.platform.training.loop import TrainContext, train_loop
+    from vgmedgen.platform.training.stages import build_task
+    from vgmedgen.platform.tracking import MetricsSink
+
+    spec = json.loads(config["spec"])
+    cfg = ExperimentConfig.model_validate(spec["experiment"])
+    ctx = TrainContext()
+    if cfg.train.scaling.use_gpu and torch.cuda.is_available():
+        import ray.train.torch  # RAY
+
+        device = ray.train.torch.get_device()  # RAY
+    else:
+        device = torch.device("cpu")
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    stage = spec["stage"]
+    task = build_task(stage, cfg, {k: Path(v) for k, v in spec["inputs"].items()}, device, ctx.rank, ctx.world)
+    sink = None
+    if spec["tracking"] and ctx.rank == 0:
+        sink = MetricsSink(spec["tracking"]["uri"], spec["tracking"]["run_id"])
+    export_dir = Path(spec["export_dir"])
+    train_loop(
+        task, getattr(cfg.train, stage), cfg.seed, ctx, device,
+        metrics_sink=sink, export_dir=export_dir, fault_marker=Path(spec["fault_marker"]),
+    )

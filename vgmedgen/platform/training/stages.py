@@ -1,0 +1,284 @@
+"""The three stage tasks the shared loop trains: ``visual``, ``align`` and ``dit``.
+
+Each task owns its modules and its loss; the loop (``loop.py``) owns everything else. Frozen
+inputs (the trained visual encoder for ``align``; visual and text for ``dit``) are loaded from the
+earlier stages' exports and compute conditions per batch under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vgmedgen.model.ema import EMA
+from vgmedgen.model.generator import Generator, build_generator
+from vgmedgen.model.text import TextDisentangler
+from vgmedgen.model.vgmedgen import load_text, load_visual, save_generator, save_text, save_visual
+from vgmedgen.model.visual import VisualDisentangler
+from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.training.data import RecordArrays
+from vgmedgen.platform.visualize import save_grid, save_swap_grid
+
+__all__ = ["build_task", "VisualTask", "AlignTask", "DitTask"]
+
+VAL_LIMIT = 256  # validation rows held per worker
+
+
+class _LossModule(nn.Module):
+    """Routes a task's loss through ``forward`` so DDP sees the call and syncs gradients."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self._fn(self.model, *args, **kwargs)
+
+
+def _atomic_export(directory: Path, write: Callable[[Path], None]) -> None:
+    tmp = directory.parent / f".{directory.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+class _Base:
+    name = "base"
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.train_data = RecordArrays.load(cfg.records_dir, "train")
+        try:
+            self.val_data = RecordArrays.load(cfg.records_dir, "val", limit=VAL_LIMIT)
+        except ValueError:
+            self.val_data = self.train_data
+        self.module: nn.Module  # what trains
+        self.loss_module: nn.Module
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def wrap_for_ddp(self, prepare: Any) -> None:
+        self.loss_module = prepare(self.loss_module, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def train_size(self) -> int:
+        return len(self.train_data)
+
+    def train_batch(self, idx: np.ndarray, device: torch.device) -> dict:
+        return self.train_data.batch(idx, device)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+
+    def artifacts(self, step: int, directory: Path) -> list[Path]:
+        return []
+
+    def _val_batches(self, n_batches: int, size: int):
+        for k in range(n_batches):
+            idx = np.arange(k * size, min((k + 1) * size, len(self.val_data)))
+            if len(idx) == 0:
+                return
+            yield self.val_data.batch(idx, self.device)
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+class VisualTask(_Base):
+    """Stage 1: anatomy U-Net + segmentor (Dice) + style VAE (KL) + AdaIN decoder."""
+
+    name = "visual"
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.module = _seeded(cfg.seed, lambda: VisualDisentangler(cfg.model.visual)).to(device).train()
+        self.loss_module = _LossModule(self.module, lambda m, b, g: m.losses(b["image"], b["mask"], g, has_mask=b["has_mask"]))
+
+    def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        terms = self.loss_module(batch, generator)
+        return {**terms, "total": terms["total"].mean()}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.module.eval()
+        dice, n = 0.0, 0
+        for b in self._val_batches(self.cfg.train.visual.val_batches, 64):
+            pred = (self.module.segment(b["image"]) > 0.5).float()  # (N, 1, H, W)
+            inter = (pred * b["mask"]).sum((1, 2, 3))
+            denom = pred.sum((1, 2, 3)) + b["mask"].sum((1, 2, 3))
+            d = torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-6), torch.ones_like(denom))
+            dice += float((d * b["has_mask"]).sum())
+            n += int(b["has_mask"].sum())
+        self.module.train()
+        return {"dice": dice / max(n, 1)}
+
+    def export(self, directory: Path) -> None:
+        _atomic_export(directory, lambda d: save_visual(self.module, d))
+
+
+class AlignTask(_Base):
+    """Stage 2: text heads aligned to the frozen visual priors."""
+
+    name = "align"
+
+    def __init__(self, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.visual = load_visual(inputs["visual"], cfg.model.visual).to(device).eval().requires_grad_(False)
+        encoder_dir = cfg.model.text.encoder_dir or inputs["text_encoder"]
+        self.module = _seeded(cfg.seed + 1, lambda: TextDisentangler.from_config(cfg.model.text, encoder_dir)).to(device)
+        self.module.train()
+        self.loss_module = _LossModule(
+            self.module,
+            lambda m, b, pa, ps: m.step_losses(b["caption"], b["anatomy_text"], b["style_text"], pa, ps),
+        )
+
+    def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        prior_a, prior_s = self.visual.priors(batch["image"])
+        terms = self.loss_module(batch, prior_a, prior_s)
+        return {**terms, "total": terms["total"].mean()}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.module.eval()
+        cos_a, cos_s, n = 0.0, 0.0, 0
+        for b in self._val_batches(self.cfg.train.align.val_batches, 64):
+            prior_a, prior_s = self.visual.priors(b["image"])
+            t_a, t_s = self.module.split(b["caption"])
+            cos_a += float(nn.functional.cosine_similarity(t_a, prior_a, dim=1).sum())
+            cos_s += float(nn.functional.cosine_similarity(t_s, prior_s, dim=1).sum())
+            n += len(b["caption"])
+        self.module.train()
+        return {"cos_anatomy": cos_a / max(n, 1), "cos_style": cos_s / max(n, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": {k: v for k, v in self.module.state_dict().items() if not self._frozen_key(k)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
+        if unexpected or any(not self._frozen_key(k) for k in missing):
+            raise RuntimeError(f"align checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def _frozen_key(self, key: str) -> bool:
+        return key.startswith("encoder.") and self.cfg.model.text.frozen
+
+    def export(self, directory: Path) -> None:
+        _atomic_export(directory, lambda d: save_text(self.module, d))
+
+
+class DitTask(_Base):
+    """Stage 3: HFFM + PixArt DiT (LoRA or full), EMA, conditions from the frozen stages 1 and 2."""
+
+    name = "dit"
+
+    def __init__(self, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.visual = load_visual(inputs["visual"], cfg.model.visual).to(device).eval().requires_grad_(False)
+        self.text = load_text(inputs["text"], cfg.model.text).to(device).eval().requires_grad_(False)
+        self.module: Generator = _seeded(cfg.seed + 2, lambda: build_generator(cfg.model.generator)).to(device)
+        self.module.train()
+        self.ema = EMA(self.module, cfg.model.generator.ema_decay).to(device)
+        self.step = 0
+        self.loss_module = _LossModule(self.module, self._terms)
+
+    def _conditions(self, batch: dict) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            prior_a, prior_s = self.visual.priors(batch["image"])
+            out = self.text(batch["caption"])
+        return {"prior_a": prior_a, "prior_s": prior_s, "t_a": out.t_a, "t_s": out.t_s,
+                "text_tokens": out.token_embeds, "text_mask": out.attention_mask}
+
+    @staticmethod
+    def _terms(model: Generator, images, c, generator, step) -> dict[str, torch.Tensor]:
+        return model.training_loss(
+            images, c["t_a"], c["t_s"], c["prior_a"], c["prior_s"],
+            text_tokens=c["text_tokens"], text_mask=c["text_mask"], generator=generator, step=step,
+        )
+
+    def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        terms = self.loss_module(batch["image"], self._conditions(batch), generator, self.step)
+        total = self.module.reduce_loss(terms)
+        out = {"eps": terms["eps"], "total": total}
+        if bool(terms["colour_mask"].any()):
+            out["colour"] = terms["colour"][terms["colour_mask"]]
+        return out
+
+    def after_step(self, step: int) -> None:
+        self.step = step + 1
+        self.ema.update(self.module)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.cfg.seed + 12345)  # the same noise every validation: comparable numbers
+        total, n = 0.0, 0
+        with self.ema.swapped_in(self.module):
+            self.module.eval()
+            for b in self._val_batches(self.cfg.train.dit.val_batches, 64):
+                terms = self._terms(self.module, b["image"], self._conditions(b), g, 1)
+                total += float(terms["eps"].sum())
+                n += len(b["caption"])
+            self.module.train()
+        return {"loss": total / max(n, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        trained = {n for n, _ in self.module.named_trainable_parameters()}
+        return {"model": {k: v for k, v in self.module.state_dict().items() if k in trained},
+                "ema": self.ema.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
+        trained = {n for n, _ in self.module.named_trainable_parameters()}
+        if unexpected or trained & set(missing):
+            raise RuntimeError(f"dit checkpoint does not fit: missing {sorted(trained & set(missing))[:5]}")
+        self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+
+    def export(self, directory: Path) -> None:
+        _atomic_export(directory, lambda d: save_generator(self.module, self.ema, d))
+
+    def artifacts(self, step: int, directory: Path) -> list[Path]:
+        """A sample grid for fixed validation prompts and, at the end, the swap grid."""
+        k = min(4, len(self.val_data))
+        anatomy = self.val_data.anatomy_texts[:k]
+        style = self.val_data.style_texts[:k]
+        rows = [a for a in anatomy for _ in style]
+        cols = [s for _ in anatomy for s in style]
+        with torch.no_grad():
+            t_a, t_s = self.text.split_separate(rows, cols)
+            from vgmedgen.model.sampler import sample
+
+            with self.ema.swapped_in(self.module):
+                images = sample(self.module, t_a, t_s, list(range(len(rows))), cfg=self.cfg.model.sampler)
+        grid = save_swap_grid(images, anatomy, style, directory / f"swap_grid_step{step:06d}.png")
+        return [grid, save_grid(images, directory / f"samples_step{step:06d}.png", ncol=k)]
+
+
+def build_task(stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device, rank: int, world: int):
+    """The task of ``stage`` on this worker."""
+    if stage == "visual":
+        return VisualTask(cfg, device)
+    if stage == "align":
+        return AlignTask(cfg, inputs, device)
+    if stage == "dit":
+        return DitTask(cfg, inputs, device)
+    raise ValueError(f"unknown stage {stage!r}")
