@@ -40,11 +40,11 @@ def step_time(preset: str, size: int, batch: int, steps: int, warmup: int, devic
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     t_a, t_s = torch.randn(batch, a, device=device), torch.randn(batch, s, device=device)
     p_a, p_s = torch.randn(batch, a, device=device), torch.randn(batch, s, device=device)
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         terms = gen.training_loss(images, t_a, t_s, p_a, p_s, generator=rng, step=i)
         loss = gen.reduce_loss(terms)
         opt.zero_grad(set_to_none=True)
@@ -54,6 +54,7 @@ def step_time(preset: str, size: int, batch: int, steps: int, warmup: int, devic
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     counts = gen.parameter_counts()
     return {
         "preset": preset,
@@ -61,6 +62,7 @@ def step_time(preset: str, size: int, batch: int, steps: int, warmup: int, devic
         "tokens": (size // cfg.backbone.patch_size) ** 2,
         "params_m": (counts["backbone"] + counts["hffm"]) / 1e6,
         "s_per_step": statistics.median(times),
+        "cpu_s_per_step": statistics.median(cpu_times),
         "loss": float(loss.detach()),
     }
 
@@ -84,13 +86,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} steps={args.steps}")
-    print(f"{'preset':<8} {'px':>4} {'tokens':>7} {'params(M)':>10} {'s/step':>8} {'img/s':>7}")
+    # cpu s/step is process CPU time: with --threads 1 it is the compute cost even when other jobs
+    # take turns on the cores (wall-clock s/step then overstates it).
+    print(
+        f"{'preset':<8} {'px':>4} {'tokens':>7} {'params(M)':>10} {'s/step':>8} {'cpu s/step':>11} {'img/s':>7}"
+    )
     for preset in args.presets:
         for size in args.sizes:
             r = step_time(preset, size, args.batch, args.steps, args.warmup, device)
             print(
                 f"{r['preset']:<8} {r['size']:>4} {r['tokens']:>7} {r['params_m']:>10.2f} "
-                f"{r['s_per_step']:>8.3f} {args.batch / r['s_per_step']:>7.1f}",
+                f"{r['s_per_step']:>8.3f} {r['cpu_s_per_step']:>11.3f} {args.batch / r['s_per_step']:>7.1f}",
                 flush=True,
             )
 

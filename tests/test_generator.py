@@ -478,3 +478,35 @@ def test_ema_tracks_trained_parameters_swaps_and_round_trips(pretrained_dir: Pat
     torch.testing.assert_close(other.shadow[name], ema.shadow[name])
     warm = EMA(gen, decay=0.999)
     assert warm.current_decay() == pytest.approx(0.1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pretrained_dir: Path) -> None:
+    """The branch tokens reach the recomputed blocks (they travel as a kwarg, not as state)."""
+    x, t, t_a, t_s = _inputs()
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)  # same LoRA A init in both
+        gen = build_generator(_pretrained_cfg(pretrained_dir, train="lora", gradient_checkpointing=ckpt))
+        with torch.no_grad():
+            gen.hffm.branches[1]["style"].gate.fill_(0.3)
+        gen.train()
+        gen(x, t, t_a, t_s).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in gen.named_trainable_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert grads[1]["hffm.branches.1.style.to_k.weight"].abs().sum() > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_deepcopy_keeps_processors_bound_to_the_copy(pretrained_dir: Path) -> None:
+    import copy
+
+    gen = build_generator(_pretrained_cfg(pretrained_dir, train="full"))
+    twin = copy.deepcopy(gen)
+    with torch.no_grad():
+        twin.hffm.branches[0]["anatomy"].gate.fill_(1.0)
+        x, t, t_a, t_s = _inputs()
+        assert (twin(x, t, t_a, t_s) - gen(x, t, t_a, t_s)).abs().max() > 1e-4
+    assert float(gen.hffm.branches[0]["anatomy"].gate.detach()) == 0.0
+    # The backbone's own state dict holds stock diffusers names only (no HFFM keys).
+    assert not any("branch" in k or "hffm" in k or "processor" in k for k in gen.backbone.state_dict())

@@ -15,6 +15,7 @@ from vgmedgen.platform.metrics import (
     EvaluationReport,
     MetricsError,
     count_memorised,
+    distance_rows,
     markdown_report,
     memorisation,
     memorisation_threshold,
@@ -140,3 +141,25 @@ def test_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
         assert head == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 2000
     with pytest.raises(MetricsError, match="empty"):
         write_report(EvaluationReport(title="x", dataset="y", distances=[]), tmp_path / "empty")
+
+
+def test_distance_rows_pair_each_distance_with_its_floor() -> None:
+    from vgmedgen.platform.metrics.fidelity import Distances
+
+    generated = Distances(
+        4.0, 0.03, 0.002, n_a=200, n_b=150, kd_subset_size=150, kd_subsets=100, warnings=["small"]
+    )
+    floor = Distances(1.0, 0.005, 0.001, n_a=200, n_b=150, kd_subset_size=150, kd_subsets=100)
+    fd, kd = distance_rows("HFD", "HKD", generated, floor, extractor="vgmedgen-domain")
+    assert (fd.metric, fd.value, fd.floor, fd.ratio, fd.n_generated, fd.n_reference) == (
+        "HFD",
+        4.0,
+        1.0,
+        4.0,
+        200,
+        150,
+    )
+    assert (kd.metric, kd.value, kd.floor, kd.std, kd.floor_std) == ("HKD", 0.03, 0.005, 0.002, 0.001)
+    assert fd.note == "small" and kd.extractor == "vgmedgen-domain"
+    no_floor = distance_rows("FID", "KID", generated, None)
+    assert math.isnan(no_floor[0].floor) and math.isnan(no_floor[0].ratio) and no_floor[1].floor_std is None

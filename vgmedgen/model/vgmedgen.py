@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,12 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
     path = directory / "manifest.json"
     if not path.is_file():
         raise ModelVersionError(f"{directory} is not a saved model part or version: manifest.json is missing")
-    manifest = json.loads(path.read_text())
-    for rel, digest in manifest["files"].items():
+    try:
+        manifest = json.loads(path.read_text())
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelVersionError(f"{path} is not a valid manifest ({exc}); the model version is corrupted") from None
+    for rel, digest in files.items():
         f = directory / rel
         if not f.is_file():
             raise ModelVersionError(f"{f} is listed in {path} but missing; the model version is incomplete")
@@ -262,9 +267,18 @@ def save_generator(model: Generator, ema: EMA | None, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     trained = {n: p.detach().float().cpu().contiguous() for n, p in model.named_trainable_parameters()}
     save_file(trained, str(directory / "trainable.safetensors"))
+    # Files of an earlier save into the same directory that this model does not write would be
+    # hashed into the new manifest and loaded back (a stale EMA would silently be sampled from).
+    if ema is None:
+        for stale in ("ema.safetensors", "ema.json"):
+            (directory / stale).unlink(missing_ok=True)
+    if not model.lora_modules:
+        shutil.rmtree(directory / "lora", ignore_errors=True)
     if ema is not None:
         save_file({n: s.detach().float().cpu().contiguous() for n, s in ema.shadow.items()}, str(directory / "ema.safetensors"))
-        (directory / "ema.json").write_text(json.dumps({"decay": ema.decay, "num_updates": ema.num_updates}))
+        (directory / "ema.json").write_text(
+            json.dumps({"decay": ema.decay, "num_updates": ema.num_updates, "warmup": ema.warmup})
+        )
     if model.lora_modules:
         model.save_lora_adapter(directory / "lora")
     (directory / "config.json").write_text(model.cfg.model_dump_json(indent=2))
@@ -295,7 +309,8 @@ def load_generator(directory: Path, config: GeneratorConfig | None = None) -> tu
     if (directory / "ema.safetensors").is_file():
         meta = json.loads((directory / "ema.json").read_text())
         ema = EMA(model, meta["decay"])
-        ema.load_state_dict({**meta, "warmup": True, "shadow": load_file(str(directory / "ema.safetensors"))})
+        # Versions written before "warmup" was recorded used the default (True).
+        ema.load_state_dict({"warmup": True, **meta, "shadow": load_file(str(directory / "ema.safetensors"))})
     return model, ema
 
 

@@ -51,12 +51,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, include_
     """
     import ray
 
-    if ray.is_initialized():
-        return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address not in ("auto", "local"):
-        probe_address(address)
+        probe_address(address)  # before anything else: a wrong address is the user's first problem
+    if ray.is_initialized():
+        return ray
     kwargs = {"address": address, "log_to_driver": True}
     if address in (None, "local"):
         kwargs.update(num_cpus=num_cpus, include_dashboard=include_dashboard)

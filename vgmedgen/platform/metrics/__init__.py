@@ -12,7 +12,13 @@ from vgmedgen.platform.metrics.memorisation import (
     memorisation_threshold,
     nearest_distances,
 )
-from vgmedgen.platform.metrics.report import DistanceRow, EvaluationReport, markdown_report, write_report
+from vgmedgen.platform.metrics.report import (
+    DistanceRow,
+    EvaluationReport,
+    distance_rows,
+    markdown_report,
+    write_report,
+)
 from vgmedgen.platform.metrics.stats import (
     FeatureReservoir,
     FeatureStats,
@@ -36,6 +42,7 @@ __all__ = [
     "MetricsError",
     "SmallSampleWarning",
     "count_memorised",
+    "distance_rows",
     "frechet_distance",
     "kernel_distance",
     "markdown_report",

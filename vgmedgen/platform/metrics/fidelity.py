@@ -374,14 +374,10 @@ def _features_of(extractor: FeatureExtractorBase, batch: torch.Tensor, device: t
 
 
 def extract_features(
-    extractor: FeatureExtractorBase,
-    images: Images,
-    *,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
+    extractor: FeatureExtractorBase, images: Images, *, batch_size: int = 64
 ) -> torch.Tensor:
-    """All features (N, D) float32 on CPU, extracted in batches (for KD, memorisation, tests)."""
-    dev = next(extractor.parameters()).device if device is None else resolve_device(device)
+    """All features (N, D) float32 on CPU, extracted in batches on the extractor's device (for KD, memorisation)."""
+    dev = next(extractor.parameters()).device
     feats = [_features_of(extractor, batch, dev) for batch in _batches(images, batch_size)]
     if not feats:
         raise MetricsError("no images were given to extract features from")
@@ -396,15 +392,15 @@ def summarise_images(
     batch_size: int = 64,
     reservoir_size: int = 10_000,
     seed: int = 2020,
-    device: str | torch.device | None = None,
 ) -> FeatureSummary:
     """Extract features batch by batch into a :class:`FeatureSummary` (exact moments + seeded sample).
 
-    Only one batch of features is held at a time, so memory does not grow with the set. Shards of one
-    set must use globally unique ``row_ids`` (record ids); None numbers rows 0..N-1, fine for a set
-    that is not split into shards.
+    Features are folded into the statistics batch by batch, so memory is bounded by one batch plus
+    the reservoir (``reservoir_size`` rows), however large the set. Images go to the extractor's
+    device. Shards of one set must use globally unique ``row_ids`` (record ids); None numbers rows
+    0..N-1, fine for a set that is not split into shards.
     """
-    dev = next(extractor.parameters()).device if device is None else resolve_device(device)
+    dev = next(extractor.parameters()).device
     summary: FeatureSummary | None = None
     offset = 0
     for batch in _batches(images, batch_size):

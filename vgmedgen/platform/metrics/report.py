@@ -22,7 +22,7 @@ import numpy as np
 from vgmedgen.platform.metrics.memorisation import MemorisationResult
 from vgmedgen.platform.metrics.stats import MetricsError
 
-__all__ = ["DistanceRow", "EvaluationReport", "markdown_report", "write_report"]
+__all__ = ["DistanceRow", "EvaluationReport", "distance_rows", "markdown_report", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,38 @@ class DistanceRow:
         if not math.isfinite(self.floor) or self.floor <= 0:
             return math.nan
         return self.value / self.floor
+
+
+def distance_rows(
+    fd_name: str, kd_name: str, generated: Any, floor: Any | None, extractor: str = ""
+) -> list[DistanceRow]:
+    """The FD and KD rows of one extractor from two ``fidelity.Distances`` (generated vs test, train vs test).
+
+    Args:
+        fd_name: e.g. "FID" or "HFD"; kd_name: e.g. "KID" or "HKD".
+        generated: distances of the generated set to the real test set.
+        floor: distances of ``generated.n_a`` real train rows to the same test set; None if unavailable.
+        extractor: the feature extractor's name, shown in the table.
+    """
+    note = "; ".join(generated.warnings)
+    floor_fd = math.nan if floor is None else floor.fd
+    floor_kd = math.nan if floor is None else floor.kd_mean
+    floor_kd_std = None if floor is None else floor.kd_std
+    n_gen, n_ref = generated.n_a, generated.n_b
+    return [
+        DistanceRow(fd_name, generated.fd, floor_fd, n_gen, n_ref, extractor=extractor, note=note),
+        DistanceRow(
+            kd_name,
+            generated.kd_mean,
+            floor_kd,
+            n_gen,
+            n_ref,
+            std=generated.kd_std,
+            floor_std=floor_kd_std,
+            extractor=extractor,
+            note=note,
+        ),
+    ]
 
 
 @dataclass

@@ -60,22 +60,34 @@ def _as_float64_2d(features: Any, what: str = "features") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _width(features: Any) -> int:
+    shape = tuple(features.shape) if hasattr(features, "shape") else np.asarray(features).shape
+    if len(shape) != 2:
+        raise MetricsError(f"features must be a 2-D (N, D) array of feature rows, got shape {shape}")
+    return int(shape[1])
+
+
 # --------------------------------------------------------------------------------------------------
-# Moments: count, mean, centred sum of outer products
+# Moments: count, shifted sums, centred sum of outer products
 # --------------------------------------------------------------------------------------------------
 
 
 class FeatureStats:
     """Mergeable sufficient statistics of feature rows for the Frechet distance.
 
-    Stored as the count ``n``, the mean (D,) and the centred sum of outer products
-    ``m2 = sum_i (x_i - mean)(x_i - mean)^T`` (D, D), all in float64. Batches and shards combine with
+    Within one set or shard, batches accumulate in float64 the count ``n`` and the sums
+    ``s1 = sum_i (x_i - c)`` (D,) and ``s2 = sum_i (x_i - c)(x_i - c)^T`` (D, D), shifted by
+    ``c`` = the first batch's mean. The shift keeps the sums small, so the covariance
+    ``(s2 - n d d^T) / (n - 1)`` with ``d = s1 / n`` loses no digits to cancellation even for
+    features far from zero (raw sums of x x^T would lose ~8 digits at an offset of 1e4), and each
+    batch costs one in-place (D, N) x (N, D) product: the same work as ``numpy.cov`` on all rows.
+
+    Across shards, statistics travel as (count, mean, centred m2) (:meth:`to_dict`) and merge with
     the pairwise update of Chan, Golub and LeVeque (1979):
-    ``mean = mean_a + delta * n_b / n`` and ``m2 = m2_a + m2_b + outer(delta, delta) * n_a n_b / n``
-    with ``delta = mean_b - mean_a``. Unlike raw sums of x and x x^T, centred moments never subtract
-    two large nearly equal numbers, so merged results equal single-pass ones (``numpy.cov``) to about
-    1e-13 relative whatever the feature offset, and merging is associative and commutative up to
-    rounding. ``cov`` is unbiased (divides by n - 1), as ``numpy.cov`` and torch-fidelity.
+    ``mean = mean_a + delta n_b / n``, ``m2 = m2_a + m2_b + delta delta^T n_a n_b / n`` with
+    ``delta = mean_b - mean_a``. Merged mean and covariance equal single-pass ones (``numpy.cov``)
+    to about 1e-13 relative, in any shard order. ``cov`` is unbiased (divides by n - 1), as
+    ``numpy.cov`` and torch-fidelity.
     """
 
     def __init__(self, dim: int) -> None:
@@ -83,44 +95,52 @@ class FeatureStats:
             raise MetricsError(f"FeatureStats needs a positive feature width, got dim={dim}")
         self.dim = int(dim)
         self.count = 0
-        self._mean = np.zeros(self.dim, dtype=np.float64)  # (D,)
-        self._m2 = np.zeros((self.dim, self.dim), dtype=np.float64)  # (D, D)
+        self._shift: torch.Tensor | None = None  # (D,) c, set by the first batch
+        self._s1 = torch.zeros(self.dim, dtype=torch.float64)  # (D,)
+        self._s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64)  # (D, D)
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def from_features(cls, features: Any) -> FeatureStats:
         """Statistics of one (N, D) block of features in a single pass."""
-        array = _as_float64_2d(features)
-        stats = cls(array.shape[1])
-        stats.update(array)
+        stats = cls(_width(features))
+        stats.update(features)
         return stats
+
+    @classmethod
+    def _from_moments(cls, count: int, mean: np.ndarray, m2: np.ndarray) -> FeatureStats:
+        out = cls(mean.shape[0])
+        if count:
+            out.count = int(count)
+            out._shift = torch.from_numpy(np.array(mean, dtype=np.float64))
+            out._s2 = torch.from_numpy(np.array(m2, dtype=np.float64))
+        return out
 
     def update(self, features: Any) -> FeatureStats:
         """Add a batch of feature rows (N, D) (numpy or torch, any float dtype); returns self."""
-        array = _as_float64_2d(features)
-        if array.shape[1] != self.dim:
+        x = torch.from_numpy(_as_float64_2d(features))  # (N, D)
+        if x.shape[1] != self.dim:
             raise MetricsError(
-                f"feature width {array.shape[1]} does not match these statistics' width {self.dim}"
+                f"feature width {x.shape[1]} does not match these statistics' width {self.dim}"
             )
-        n_b = array.shape[0]
-        if n_b == 0:
+        if x.shape[0] == 0:
             return self
-        mean_b = array.mean(axis=0)  # (D,)
-        centred = array - mean_b  # (N, D)
-        m2_b = centred.T @ centred  # (D, D)
-        self._combine(n_b, mean_b, m2_b)
+        if self._shift is None:
+            self._shift = x.mean(dim=0)
+        centred = x - self._shift  # (N, D)
+        self._s1 += centred.sum(dim=0)
+        self._s2.addmm_(centred.T, centred)  # in place: no (D, D) temporary per batch
+        self.count += x.shape[0]
         return self
 
-    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        n_a = self.count
-        if n_a == 0:
-            self.count, self._mean, self._m2 = n_b, mean_b.copy(), m2_b.copy()
-            return
-        n = n_a + n_b
-        delta = mean_b - self._mean  # (D,)
-        self._mean = self._mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
-        self.count = n
+    def _moments(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(count, mean (D,), centred m2 (D, D)) as float64 numpy arrays."""
+        if self.count == 0 or self._shift is None:
+            return 0, np.zeros(self.dim), np.zeros((self.dim, self.dim))
+        d = (self._s1 / self.count).numpy()  # (D,) mean minus shift: small
+        mean = self._shift.numpy() + d
+        m2 = self._s2.numpy() - np.outer(d, d) * self.count
+        return self.count, mean, m2
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         """A new FeatureStats holding the rows of both (neither input is changed)."""
@@ -130,10 +150,15 @@ class FeatureStats:
             raise MetricsError(
                 f"cannot merge statistics of width {self.dim} and {other.dim}: different extractors?"
             )
-        out = self.copy()
-        if other.count:
-            out._combine(other.count, other._mean, other._m2)
-        return out
+        n_a, mean_a, m2_a = self._moments()
+        n_b, mean_b, m2_b = other._moments()
+        if n_a == 0 or n_b == 0:
+            return FeatureStats._from_moments(*((n_b, mean_b, m2_b) if n_a == 0 else (n_a, mean_a, m2_a)))
+        n = n_a + n_b
+        delta = mean_b - mean_a  # (D,)
+        mean = mean_a + delta * (n_b / n)
+        m2 = m2_a + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        return FeatureStats._from_moments(n, mean, m2)
 
     __add__ = merge
 
@@ -149,9 +174,7 @@ class FeatureStats:
         return out
 
     def copy(self) -> FeatureStats:
-        out = FeatureStats(self.dim)
-        out.count, out._mean, out._m2 = self.count, self._mean.copy(), self._m2.copy()
-        return out
+        return FeatureStats._from_moments(*self._moments()) if self.count else FeatureStats(self.dim)
 
     # -- reading ------------------------------------------------------------------------------
     @property
@@ -159,23 +182,20 @@ class FeatureStats:
         """The mean feature (D,), float64."""
         if self.count == 0:
             raise MetricsError("the mean of an empty feature set is undefined: no rows were added")
-        return self._mean.copy()
+        return self._moments()[1]
 
     @property
     def cov(self) -> np.ndarray:
         """The unbiased covariance (D, D), float64, equal to ``numpy.cov(features, rowvar=False)``."""
         if self.count < 2:
             raise MetricsError(f"the covariance needs at least 2 feature rows, got {self.count}")
-        return self._m2 / (self.count - 1)
+        return self._moments()[2] / (self.count - 1)
 
     # -- transport ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, np.ndarray]:
-        """Plain arrays for transport across Ray tasks or storage (``np.savez``); exact round trip."""
-        return {
-            "count": np.asarray(self.count, dtype=np.int64),
-            "mean": self._mean.copy(),
-            "m2": self._m2.copy(),
-        }
+        """Plain arrays (count, mean, centred m2) for transport across Ray tasks or ``np.savez``."""
+        count, mean, m2 = self._moments()
+        return {"count": np.asarray(count, dtype=np.int64), "mean": mean, "m2": m2}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureStats:
@@ -190,9 +210,7 @@ class FeatureStats:
             raise MetricsError(
                 f"inconsistent FeatureStats dict: mean {mean.shape}, m2 {m2.shape}, count {count}"
             )
-        out = cls(mean.shape[0])
-        out.count, out._mean, out._m2 = count, mean.copy(), m2.copy()
-        return out
+        return cls._from_moments(count, mean, m2)
 
     def __repr__(self) -> str:
         return f"FeatureStats(dim={self.dim}, count={self.count})"
@@ -410,40 +428,69 @@ class FeatureReservoir:
             raise MetricsError(f"reservoir feature width must be >= 1, got {dim}")
         self.capacity, self.dim, self.seed = int(capacity), int(dim), int(seed)
         self.seen = 0  # rows offered in total, kept or not
+        # The compacted sample, sorted by (key, id).
         self._features = np.zeros((0, self.dim), dtype=np.float32)  # (K, D)
         self._keys = np.zeros(0, dtype=np.uint64)  # (K,)
         self._ids: list[str] = []
+        # Candidate rows not yet compacted into the sample. Compacting on every batch would copy the
+        # whole sample (up to capacity x D floats) per batch; batching it keeps the cost per row O(D).
+        self._pending: list[tuple[np.ndarray, np.ndarray, list[str]]] = []
+        self._pending_rows = 0
 
     @property
     def features(self) -> np.ndarray:
         """The kept rows (K, D), K = min(capacity, seen), ordered by key."""
+        self._compact()
         return self._features.copy()
 
     @property
     def row_ids(self) -> list[str]:
+        self._compact()
         return list(self._ids)
 
     def __len__(self) -> int:
+        self._compact()
         return len(self._ids)
 
-    def _absorb(self, features: np.ndarray, keys: np.ndarray, ids: list[str], seen: int) -> None:
-        if not ids:
-            self.seen += seen
+    def _compact(self) -> None:
+        """Fold pending rows into the sample: keep the bottom-k by (key, id)."""
+        if not self._pending:
             return
-        all_ids = self._ids + ids
+        all_ids = self._ids + [i for _, _, ids in self._pending for i in ids]
         if len(set(all_ids)) != len(all_ids):
-            dupes = sorted({i for i in all_ids if all_ids.count(i) > 1})[:5]
+            counts: dict[str, int] = {}
+            for i in all_ids:
+                counts[i] = counts.get(i, 0) + 1
+            dupes = sorted(i for i, c in counts.items() if c > 1)[:5]
+            self._pending, self._pending_rows = [], 0
             raise MetricsError(
                 f"row ids {dupes} were added to the reservoir twice: each row must be counted once "
                 "(was a shard merged twice, or do two shards reuse ids?)"
             )
-        feats = np.concatenate([self._features, features.astype(np.float32, copy=False)])  # (K + N, D)
-        all_keys = np.concatenate([self._keys, keys])
+        feats = np.concatenate([self._features, *(f for f, _, _ in self._pending)])  # (K + P, D)
+        all_keys = np.concatenate([self._keys, *(k for _, k, _ in self._pending)])
         order = _bottom_k(all_keys, all_ids, self.capacity)
         self._features = np.ascontiguousarray(feats[order])
         self._keys = all_keys[order]
         self._ids = [all_ids[i] for i in order]
-        self.seen += seen
+        self._pending, self._pending_rows = [], 0
+
+    def _add_candidates(self, features: np.ndarray, keys: np.ndarray, ids: list[str]) -> None:
+        if len(self._ids) == self.capacity:
+            # Full: a row whose key exceeds the largest kept key can never enter (the common case once
+            # the sample has filled, so a long stream costs little more than the hashing).
+            enter = np.flatnonzero(keys <= self._keys[-1])
+            if len(enter) < len(ids):
+                features, keys, ids = features[enter], keys[enter], [ids[i] for i in enter]
+        # The bottom-k of a union lies within the union of the parts' bottom-k.
+        if len(ids) > self.capacity:
+            cut = _bottom_k(keys, ids, self.capacity)
+            features, keys, ids = features[cut], keys[cut], [ids[i] for i in cut]
+        if ids:
+            self._pending.append((np.ascontiguousarray(features, dtype=np.float32), keys, ids))
+            self._pending_rows += len(ids)
+        if self._pending_rows >= self.capacity:
+            self._compact()
 
     def update(self, features: Any, row_ids: Sequence[Any]) -> FeatureReservoir:
         """Offer rows (N, D) with their globally unique ids; returns self."""
@@ -455,18 +502,8 @@ class FeatureReservoir:
         if len(row_ids) != array.shape[0]:
             raise MetricsError(f"got {array.shape[0]} feature rows but {len(row_ids)} row ids")
         ids = [str(i) for i in row_ids]
-        keys = row_keys(self.seed, ids)
-        seen = len(ids)
-        if len(self._ids) == self.capacity:
-            # Full: a row whose key exceeds the largest kept key can never enter (the common case
-            # once the reservoir has filled, so a long stream costs little more than the hashing).
-            enter = np.flatnonzero(keys <= self._keys[-1])
-            array, keys, ids = array[enter], keys[enter], [ids[i] for i in enter]
-        # Prefilter: the bottom-k of a union lies within the union of the parts' bottom-k.
-        if len(ids) > self.capacity:
-            cut = _bottom_k(keys, ids, self.capacity)
-            array, keys, ids = array[cut], keys[cut], [ids[i] for i in cut]
-        self._absorb(array, keys, ids, seen=seen)
+        self.seen += len(ids)
+        self._add_candidates(array, row_keys(self.seed, ids), ids)
         return self
 
     def merge(self, other: FeatureReservoir) -> FeatureReservoir:
@@ -480,13 +517,17 @@ class FeatureReservoir:
                 "cannot merge reservoirs with different (capacity, dim, seed): "
                 f"{(self.capacity, self.dim, self.seed)} vs {(other.capacity, other.dim, other.seed)}"
             )
+        other._compact()
         out = self.copy()
-        out._absorb(other._features, other._keys, list(other._ids), seen=other.seen)
+        out.seen += other.seen
+        out._add_candidates(other._features, other._keys, list(other._ids))
+        out._compact()
         return out
 
     __add__ = merge
 
     def copy(self) -> FeatureReservoir:
+        self._compact()
         out = FeatureReservoir(self.capacity, self.dim, self.seed)
         out.seen = self.seen
         out._features, out._keys, out._ids = self._features.copy(), self._keys.copy(), list(self._ids)
@@ -494,10 +535,11 @@ class FeatureReservoir:
 
     def to_stats(self) -> FeatureStats:
         """FeatureStats of the kept rows (e.g. a real-train sample of the generated set's size: the floor)."""
-        return FeatureStats.from_features(self._features) if len(self) else FeatureStats(self.dim)
+        return FeatureStats.from_features(self.features) if len(self) else FeatureStats(self.dim)
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays for transport (exact round trip)."""
+        self._compact()
         return {
             "capacity": np.asarray(self.capacity, dtype=np.int64),
             "seed": np.asarray(self.seed, dtype=np.int64),
@@ -525,7 +567,10 @@ class FeatureReservoir:
         return out
 
     def __repr__(self) -> str:
-        return f"FeatureReservoir(capacity={self.capacity}, dim={self.dim}, seed={self.seed}, kept={len(self)}, seen={self.seen})"
+        return (
+            f"FeatureReservoir(capacity={self.capacity}, dim={self.dim}, seed={self.seed}, "
+            f"kept={len(self)}, seen={self.seen})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -86,9 +86,9 @@ def train_experiment(cfg: ExperimentConfig, *, address: str | None = None, fresh
 
     t0 = time.perf_counter()
     cfg.check_trainable()
-    if cfg.train.scaling.num_workers > 0 or cfg.data.dataset != "synthderm" or not cfg.records_dir.exists():
-        connect(address)
-    prepare_records(cfg, address=address)
+    if address or cfg.train.scaling.num_workers > 0:
+        connect(address)  # an unreachable cluster fails here, before any work
+    prepare_records(cfg, address=address)  # reuses existing records; connects to Ray only when it must build them
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     parts: dict[str, Path] = {}
     if cfg.train.init_from:
