@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_from_args(args)
     summary = train_experiment(cfg, address=args.address, fresh=args.fresh)
     trained = [r.stage for r in summary.stages if r.trained]
-    print(f"\nstages trained: {', '.join(trained) or 'none (all finished earlier)'} in {summary.seconds:.0f} s")
+    print(
+        f"\nstages trained: {', '.join(trained) or 'none (all finished earlier)'} in {summary.seconds:.0f} s"
+    )
     print(f"model version: {summary.model_version}")
     if summary.registered:
         print(f"registered:    {summary.registered}")

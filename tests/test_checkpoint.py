@@ -14,7 +14,14 @@ def test_optimizer_and_model_state_round_trip(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(5, 3)).sum().backward()
     opt.step()
-    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": 7, "rng": rng_state(), "name": "x", "t": (1, None)}
+    state = {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "step": 7,
+        "rng": rng_state(),
+        "name": "x",
+        "t": (1, None),
+    }
     save_state(tmp_path, "ckpt", state)
     back = load_state(tmp_path, "ckpt")
     assert back["step"] == 7 and back["name"] == "x" and back["t"] == (1, None)

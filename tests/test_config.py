@@ -100,7 +100,9 @@ def test_output_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text(f"# c\noutput_root: {tmp_path / 'yaml'}\n")
     assert load_experiment(yaml_file).root == tmp_path / "env"  # environment beats the YAML
-    assert load_experiment(yaml_file, [f"output_root={tmp_path / 'cli'}"]).root == tmp_path / "cli"  # CLI beats both
+    assert (
+        load_experiment(yaml_file, [f"output_root={tmp_path / 'cli'}"]).root == tmp_path / "cli"
+    )  # CLI beats both
     with pytest.raises(ConfigError, match="absolute"):
         load_experiment(None, ["output_root=relative/dir"])
 

@@ -26,7 +26,9 @@ def _violations(folder: str, banned: tuple[str, ...]) -> list[str]:
     for f in sorted((PKG / folder).rglob("*.py")):
         for name in _imports(f):
             if name.startswith("."):
-                bad.append(f"{f.relative_to(PKG.parent)}: relative import {name!r} (use absolute vgmedgen.* imports)")
+                bad.append(
+                    f"{f.relative_to(PKG.parent)}: relative import {name!r} (use absolute vgmedgen.* imports)"
+                )
             elif any(name == b or name.startswith(b + ".") for b in banned):
                 bad.append(f"{f.relative_to(PKG.parent)}: imports {name}")
     return bad
@@ -42,7 +44,9 @@ def test_platform_does_not_import_serve():
 
 def test_the_scan_sees_real_imports(tmp_path: Path):
     f = tmp_path / "m.py"
-    f.write_text("import ray.train\nfrom mlflow import log_metric\ndef f():\n    import vgmedgen.platform.config\n")
+    f.write_text(
+        "import ray.train\nfrom mlflow import log_metric\ndef f():\n    import vgmedgen.platform.config\n"
+    )
     assert {"ray.train", "mlflow", "vgmedgen.platform.config"} <= _imports(f)
 
 

@@ -65,7 +65,9 @@ def make_text_encoder(directory: Path) -> Path:
 
 
 @torch.no_grad()
-def _perturb(tensors: Mapping[str, torch.Tensor] | list[torch.Tensor], gen: torch.Generator, scale: float) -> None:
+def _perturb(
+    tensors: Mapping[str, torch.Tensor] | list[torch.Tensor], gen: torch.Generator, scale: float
+) -> None:
     values = tensors.values() if isinstance(tensors, Mapping) else tensors
     for t in values:
         if t.is_floating_point():
@@ -112,7 +114,11 @@ def assert_same_model(a: VGMedGen, b: VGMedGen) -> None:
     assert (a.ema is None) == (b.ema is None)
     if a.ema is not None and b.ema is not None:
         ea, eb = a.ema.state_dict(), b.ema.state_dict()
-        assert (ea["decay"], ea["warmup"], ea["num_updates"]) == (eb["decay"], eb["warmup"], eb["num_updates"])
+        assert (ea["decay"], ea["warmup"], ea["num_updates"]) == (
+            eb["decay"],
+            eb["warmup"],
+            eb["num_updates"],
+        )
         assert sorted(ea["shadow"]) == sorted(eb["shadow"])
         assert all(torch.equal(ea["shadow"][k], eb["shadow"][k]) for k in ea["shadow"])
 
@@ -192,7 +198,9 @@ def test_lora_mode_round_trip_and_adapter_loads_in_diffusers(encoder_dir: Path, 
 
     # The lora/ folder is a plain diffusers adapter: it loads into a stock backbone with the stock names.
     stock = PixArtBackbone.from_pretrained(pretrained, subfolder="transformer")
-    stock.load_lora_adapter(lora_dir, prefix=None, adapter_name=LORA_ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME)
+    stock.load_lora_adapter(
+        lora_dir, prefix=None, adapter_name=LORA_ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME
+    )
     theirs = {n: p for n, p in stock.named_parameters() if ".lora_" in n}
     ours = {n: p for n, p in model.generator.backbone.named_parameters() if ".lora_" in n}
     assert theirs and sorted(theirs) == sorted(ours)
@@ -217,7 +225,8 @@ def test_saving_over_a_version_drops_files_the_new_model_does_not_write(
 
 
 @pytest.mark.parametrize(
-    "relative", ["visual/model.safetensors", "text/heads.safetensors", "generator/ema.safetensors", "model_config.json"]
+    "relative",
+    ["visual/model.safetensors", "text/heads.safetensors", "generator/ema.safetensors", "model_config.json"],
 )
 def test_tampered_file_is_named(version_copy: Path, relative: str) -> None:
     path = version_copy / relative
@@ -230,7 +239,9 @@ def test_tampered_file_is_named(version_copy: Path, relative: str) -> None:
 
 def test_missing_part_or_directory_is_a_clear_error(version_copy: Path, tmp_path: Path) -> None:
     shutil.rmtree(version_copy / "text")
-    with pytest.raises(ModelVersionError, match=r"text/.* is listed in .*manifest.json but missing; .*incomplete"):
+    with pytest.raises(
+        ModelVersionError, match=r"text/.* is listed in .*manifest.json but missing; .*incomplete"
+    ):
         VGMedGen.from_pretrained(version_copy)
     with pytest.raises(ModelVersionError, match=r"does not exist"):
         VGMedGen.from_pretrained(tmp_path / "nowhere")
@@ -242,7 +253,9 @@ def test_missing_part_or_directory_is_a_clear_error(version_copy: Path, tmp_path
         VGMedGen.from_pretrained(version_copy)
 
 
-_SHAPE_MESSAGE = re.compile(r"tensor '([^']+)' has shape \(([^)]*)\),? (?:but the model expects|expected) \(([^)]*)\)")
+_SHAPE_MESSAGE = re.compile(
+    r"tensor '([^']+)' has shape \(([^)]*)\),? (?:but the model expects|expected) \(([^)]*)\)"
+)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -305,10 +318,16 @@ def test_derived_widths_follow_the_visual_and_text_configs() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"text": {"anatomy_dim": 7}}, "text.anatomy_dim=7 contradicts the visual/text configs, which give 36"),
+        (
+            {"text": {"anatomy_dim": 7}},
+            "text.anatomy_dim=7 contradicts the visual/text configs, which give 36",
+        ),
         ({"text": {"style_dim": 3}}, "text.style_dim=3 contradicts the visual/text configs, which give 8"),
         ({"generator": {"hffm": {"anatomy_dim": 9}}}, "generator.hffm.anatomy_dim=9 contradicts"),
-        ({"generator": {"hffm": {"text_width": 128}}}, "generator.hffm.text_width=128 contradicts .* give 32"),
+        (
+            {"generator": {"hffm": {"text_width": 128}}},
+            "generator.hffm.text_width=128 contradicts .* give 32",
+        ),
     ],
 )
 def test_contradicting_derived_width_is_rejected(overrides: dict[str, Any], message: str) -> None:
@@ -317,5 +336,8 @@ def test_contradicting_derived_width_is_rejected(overrides: dict[str, Any], mess
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
-    with pytest.raises(ValidationError, match=r"unknown model preset 'tinny' \(did you mean 'tiny'\?\); valid presets: tiny, demo, pixart-512"):
+    with pytest.raises(
+        ValidationError,
+        match=r"unknown model preset 'tinny' \(did you mean 'tiny'\?\); valid presets: tiny, demo, pixart-512",
+    ):
         ModelConfig.model_validate({"preset": "tinny"})

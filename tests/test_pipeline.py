@@ -106,7 +106,9 @@ def test_load_errors_are_clear(saved: Path, tmp_path: Path) -> None:
     other = tmp_path / "pixart"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
-    with pytest.raises(ModelVersionError, match="holds a 'PixArtAlphaPipeline' pipeline, not a VGMedGenPipeline"):
+    with pytest.raises(
+        ModelVersionError, match="holds a 'PixArtAlphaPipeline' pipeline, not a VGMedGenPipeline"
+    ):
         VGMedGenPipeline.from_pretrained(other)
     with pytest.raises(PipelineInputError, match="unsupported arguments: \\['variant'\\]"):
         VGMedGenPipeline.from_pretrained(saved, variant="fp16")
@@ -123,13 +125,16 @@ def test_anatomy_and_style_prompts_match_the_model_and_pair_prompt_major(
     assert out.seeds == [7, 8, 9, 10]
     assert out.images.shape == (4, 3, SIZE, SIZE) and out.masks.shape == (4, 1, SIZE, SIZE)
     # Prompt-major: images 0, 1 belong to prompt pair 0 and images 2, 3 to pair 1.
-    cond = model.conditions_from_prompts([ANATOMY[0], ANATOMY[0], ANATOMY[1], ANATOMY[1]], [STYLE[0], STYLE[0], STYLE[1], STYLE[1]])
+    cond = model.conditions_from_prompts(
+        [ANATOMY[0], ANATOMY[0], ANATOMY[1], ANATOMY[1]], [STYLE[0], STYLE[0], STYLE[1], STYLE[1]]
+    )
     images, masks = model.generate(cond, [7, 8, 9, 10], SamplerConfig(num_steps=STEPS))
     assert torch.equal(out.images, images) and torch.equal(out.masks, masks)
     assert not torch.equal(out.images[0], out.images[1])  # different seeds, different images
-    # Each image is made again alone from its prompt and seed.
+    # Each image is made again alone from its prompt and seed (to float rounding: BLAS reductions
+    # depend on the batch's shape, so a different batch is close, not bit-identical).
     again = pipe(anatomy_prompt=ANATOMY[1], style_prompt=STYLE[1], seed=out.seeds[3], output_type="pt")
-    torch.testing.assert_close(again.images[0], out.images[3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.images[0], out.images[3], rtol=0, atol=1e-4)
     # A single style string pairs with every anatomy prompt.
     broadcast = pipe(anatomy_prompt=ANATOMY, style_prompt=STYLE[0], seed=7, output_type="pt")
     assert torch.equal(broadcast.images[0], out.images[0])
@@ -137,7 +142,9 @@ def test_anatomy_and_style_prompts_match_the_model_and_pair_prompt_major(
 
 def test_caption_prompt_is_split_by_the_model(pipe: VGMedGenPipeline, model: VGMedGen) -> None:
     out = pipe(prompt=CAPTIONS[0], seed=5, output_type="pt")
-    images, masks = model.generate(model.conditions_from_captions([CAPTIONS[0]]), [5], SamplerConfig(num_steps=STEPS))
+    images, masks = model.generate(
+        model.conditions_from_captions([CAPTIONS[0]]), [5], SamplerConfig(num_steps=STEPS)
+    )
     assert torch.equal(out.images, images) and torch.equal(out.masks, masks)
 
 
@@ -176,7 +183,14 @@ def test_generator_draws_reproducible_seeds(pipe: VGMedGenPipeline) -> None:
 
 
 def test_guidance_and_steps_arguments_reach_the_sampler(pipe: VGMedGenPipeline, model: VGMedGen) -> None:
-    out = pipe(prompt=CAPTIONS[0], seed=1, num_inference_steps=3, guidance_anatomy=1.0, guidance_style=2.0, output_type="pt")
+    out = pipe(
+        prompt=CAPTIONS[0],
+        seed=1,
+        num_inference_steps=3,
+        guidance_anatomy=1.0,
+        guidance_style=2.0,
+        output_type="pt",
+    )
     cfg = SamplerConfig(num_steps=3, guidance_anatomy=1.0, guidance_style=2.0)
     images, _ = model.generate(model.conditions_from_captions([CAPTIONS[0]]), [1], cfg)
     assert torch.equal(out.images, images)
@@ -199,7 +213,9 @@ def test_output_types_agree(pipe: VGMedGenPipeline) -> None:
     assert len(pil.images) == len(pil.masks) == 2
     assert all(im.mode == "RGB" and im.size == (SIZE, SIZE) for im in pil.images)
     assert all(m.mode == "L" and m.size == (SIZE, SIZE) for m in pil.masks)
-    np.testing.assert_array_equal(np.asarray(pil.images[1]), (np_out.images[1] * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(pil.images[1]), (np_out.images[1] * 255).round().astype(np.uint8)
+    )
     binary = np.where(np_out.masks[1, ..., 0] > 0.5, 255, 0)
     np.testing.assert_array_equal(np.asarray(pil.masks[1]), binary)
     images, masks = pipe(**kwargs, output_type="pt", return_dict=False)
@@ -209,7 +225,8 @@ def test_output_types_agree(pipe: VGMedGenPipeline) -> None:
 def test_batches_and_device(pipe: VGMedGenPipeline) -> None:
     whole = pipe(prompt=CAPTIONS, seed=0, output_type="pt")
     chunked = pipe(prompt=CAPTIONS, seed=0, output_type="pt", batch_size=1)
-    torch.testing.assert_close(chunked.images, whole.images, rtol=0, atol=1e-5)
+    # Same seeds, other batch shape: equal to float rounding (see the prompt-major test).
+    torch.testing.assert_close(chunked.images, whole.images, rtol=0, atol=1e-4)
     assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
     with pytest.raises(PipelineInputError, match="cannot be cast to torch.float16"):
         pipe.to(torch.float16)
@@ -222,25 +239,43 @@ def test_batches_and_device(pipe: VGMedGenPipeline) -> None:
     ("kwargs", "message"),
     [
         ({}, "no prompt given; give `prompt`"),
-        ({"prompt": CAPTIONS[0], "anatomy_prompt": ANATOMY[0], "style_prompt": STYLE[0]}, "cannot be combined"),
+        (
+            {"prompt": CAPTIONS[0], "anatomy_prompt": ANATOMY[0], "style_prompt": STYLE[0]},
+            "cannot be combined",
+        ),
         ({"anatomy_prompt": ANATOMY[0]}, "`anatomy_prompt` needs `style_prompt` too"),
         ({"style_prompt": STYLE[0]}, "`style_prompt` needs `anatomy_prompt` too"),
-        ({"anatomy_prompt": ANATOMY, "style_prompt": STYLE + STYLE[:1]}, "anatomy_prompt has 2 prompts but style_prompt has 3"),
+        (
+            {"anatomy_prompt": ANATOMY, "style_prompt": STYLE + STYLE[:1]},
+            "anatomy_prompt has 2 prompts but style_prompt has 3",
+        ),
         ({"prompt": []}, "prompt is an empty list"),
         ({"prompt": ["  "]}, r"prompt\[0\] is empty"),
         ({"prompt": [3]}, r"prompt\[0\] must be a string"),
         ({"prompt": CAPTIONS[0], "output_type": "latent"}, "output_type must be one of pil, np, pt"),
-        ({"prompt": CAPTIONS[0], "num_images_per_prompt": 0}, "num_images_per_prompt must be a positive integer"),
+        (
+            {"prompt": CAPTIONS[0], "num_images_per_prompt": 0},
+            "num_images_per_prompt must be a positive integer",
+        ),
         ({"prompt": CAPTIONS[0], "num_inference_steps": 0}, "num_inference_steps must be a positive integer"),
         ({"prompt": CAPTIONS[0], "guidance_style": float("nan")}, "guidance_style must be a finite number"),
-        ({"prompt": CAPTIONS[0], "seed": 1, "generator": torch.Generator()}, "give `seed` or `generator`, not both"),
+        (
+            {"prompt": CAPTIONS[0], "seed": 1, "generator": torch.Generator()},
+            "give `seed` or `generator`, not both",
+        ),
         ({"prompt": CAPTIONS, "seed": [1]}, "seed as a list needs 2 ints"),
         ({"prompt": CAPTIONS[0], "seed": -1}, r"seeds must lie in \[0, 2\*\*63\)"),
         ({"reference_image": "img.png"}, "must be an image, not a path"),
         ({"reference_image": torch.full((3, 16, 16), 2.0)}, r"values must lie in \[0, 1\]"),
         ({"reference_image": torch.zeros(1, 16, 16)}, r"must be \(3, H, W\) or \(B, 3, H, W\)"),
-        ({"reference_image": [_reference_image(), _reference_image()], "style_prompt": STYLE + STYLE}, "has 2 images but style_prompt has 4"),
-        ({"reference_image": _reference_image(), "anatomy_prompt": ANATOMY[0]}, "the anatomy comes from the image"),
+        (
+            {"reference_image": [_reference_image(), _reference_image()], "style_prompt": STYLE + STYLE},
+            "has 2 images but style_prompt has 4",
+        ),
+        (
+            {"reference_image": _reference_image(), "anatomy_prompt": ANATOMY[0]},
+            "the anatomy comes from the image",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe: VGMedGenPipeline, kwargs: dict, message: str) -> None:

@@ -29,13 +29,20 @@ def _job():
 def _groups_ok(table) -> bool:
     seen: dict[str, str] = {}
     return all(
-        seen.setdefault(g, s) == s for g, s in zip(table.column("group").to_pylist(), table.column("split").to_pylist())
+        seen.setdefault(g, s) == s
+        for g, s in zip(table.column("group").to_pylist(), table.column("split").to_pylist())
     )
 
 
 def test_synthderm_job_writes_reproducible_records(ray_cluster, output_root: Path, capsys):
-    args = ["--config", str(REPO / "configs/synthderm.yaml"), f"output_root={output_root}",
-            "data.synthderm.num_records=300", "data.resolution=32", "data.items_per_task=100"]
+    args = [
+        "--config",
+        str(REPO / "configs/synthderm.yaml"),
+        f"output_root={output_root}",
+        "data.synthderm.num_records=300",
+        "data.resolution=32",
+        "data.items_per_task=100",
+    ]
     assert _job().main(args) == 0
     out = capsys.readouterr().out
     assert "300 synthderm records written" in out and "train" in out
@@ -46,7 +53,10 @@ def test_synthderm_job_writes_reproducible_records(ray_cluster, output_root: Pat
     counts = {s: pc.sum(pc.equal(table.column("split"), s)).as_py() for s in ("train", "val", "test")}
     assert counts["train"] > 200 and counts["val"] > 10 and counts["test"] > 10
     # plain pyarrow reads the same schema
-    assert pq.read_table(sorted(rec_dir.glob("*.parquet"))[0]).schema.remove_metadata() == RECORD_SCHEMA.remove_metadata()
+    assert (
+        pq.read_table(sorted(rec_dir.glob("*.parquet"))[0]).schema.remove_metadata()
+        == RECORD_SCHEMA.remove_metadata()
+    )
     manifest = json.loads((rec_dir / "manifest.json").read_text())
     assert manifest["summary"]["total"] == 300
 
@@ -67,7 +77,9 @@ def _cfg(output_root: Path, dataset: str, root: Path | None, *extra: str):
     return load_experiment(None, over)
 
 
-def test_ham10000_layout_skips_corrupt_and_keeps_lesions_together(ray_cluster, tmp_path: Path, output_root: Path):
+def test_ham10000_layout_skips_corrupt_and_keeps_lesions_together(
+    ray_cluster, tmp_path: Path, output_root: Path
+):
     facts = make_ham10000_tree(tmp_path, variant="dataverse", corrupt=True)
     summary = prepare_records(_cfg(output_root, "ham10000", facts.root))
     assert summary.total == len(facts.ids) - len(facts.corrupt_ids)
@@ -79,7 +91,9 @@ def test_ham10000_layout_skips_corrupt_and_keeps_lesions_together(ray_cluster, t
     groups = dict(zip(table.column("id").to_pylist(), table.column("group").to_pylist()))
     lesion_pairs = [g for g in set(groups.values()) if list(groups.values()).count(g) > 1]
     assert lesion_pairs, "the lesion imaged twice must share a group"
-    assert any(json.loads(a)["metadata"].get("cohort") for a in table.column("attributes").to_pylist())  # Dataverse column kept
+    assert any(
+        json.loads(a)["metadata"].get("cohort") for a in table.column("attributes").to_pylist()
+    )  # Dataverse column kept
     assert "dx_type" not in " ".join(table.column("caption").to_pylist())
 
 
@@ -126,7 +140,14 @@ def test_user_csv_dataset(ray_cluster, tmp_path: Path, output_root: Path):
 def test_missing_dataset_dir_is_a_clear_error(ray_cluster, tmp_path: Path, output_root: Path, capsys):
     from vgmedgen.platform.cli import run_job
 
-    code = run_job(_job().main, ["--config", str(REPO / "configs/busi.yaml"), f"output_root={output_root}",
-                                 f"data.root={tmp_path / 'nowhere'}"])
+    code = run_job(
+        _job().main,
+        [
+            "--config",
+            str(REPO / "configs/busi.yaml"),
+            f"output_root={output_root}",
+            f"data.root={tmp_path / 'nowhere'}",
+        ],
+    )
     err = capsys.readouterr().err
     assert code == 2 and "nowhere" in err and "Traceback" not in err

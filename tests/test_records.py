@@ -6,7 +6,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from vgmedgen.platform.records import RECORD_SCHEMA, RecordError, decode_png, encode_png, read_records, records_to_table
+from vgmedgen.platform.records import (
+    RECORD_SCHEMA,
+    RecordError,
+    decode_png,
+    encode_png,
+    read_records,
+    records_to_table,
+)
 
 
 def _row(i: int, split: str = "train", group: str | None = None) -> dict:
@@ -14,9 +21,18 @@ def _row(i: int, split: str = "train", group: str | None = None) -> dict:
     mask = np.zeros((8, 8), np.uint8)
     mask[2:5, 2:5] = 255
     return {
-        "id": f"r{i}", "dataset": "t", "split": split, "group": group or f"g{i}", "label": "a",
-        "image": encode_png(img), "mask": encode_png(mask) if i % 2 else None, "caption": "c",
-        "anatomy_text": "a", "style_text": "s", "attributes": {"k": i}, "source": f"x/{i}.png",
+        "id": f"r{i}",
+        "dataset": "t",
+        "split": split,
+        "group": group or f"g{i}",
+        "label": "a",
+        "image": encode_png(img),
+        "mask": encode_png(mask) if i % 2 else None,
+        "caption": "c",
+        "anatomy_text": "a",
+        "style_text": "s",
+        "attributes": {"k": i},
+        "source": f"x/{i}.png",
     }
 
 

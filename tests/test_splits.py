@@ -42,7 +42,9 @@ def test_deterministic_and_seed_dependent():
     assert assign_splits(ids, groups, labels, FR, 0) != assign_splits(ids, groups, labels, FR, 1)
     # input order does not matter
     order = list(reversed(range(len(ids))))
-    rev = assign_splits([ids[i] for i in order], [groups[i] for i in order], [labels[i] for i in order], FR, 0)
+    rev = assign_splits(
+        [ids[i] for i in order], [groups[i] for i in order], [labels[i] for i in order], FR, 0
+    )
     assert rev == assign_splits(ids, groups, labels, FR, 0)
 
 

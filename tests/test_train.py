@@ -24,30 +24,46 @@ STEPS = 4
 
 
 def _cfg(root: Path, *extra: str):
-    return load_experiment(REPO / "configs/tiny.yaml", [
-        f"output_root={root}", "data.synthderm.num_records=120",
-        *[f"train.{s}.{k}={v}" for s in ("visual", "align", "dit")
-          for k, v in (("steps", STEPS), ("checkpoint_every", 2), ("val_every", 2), ("log_every", 1))],
-        "train.dit.sample_every=2", *extra,
-    ])
+    return load_experiment(
+        REPO / "configs/tiny.yaml",
+        [
+            f"output_root={root}",
+            "data.synthderm.num_records=120",
+            *[
+                f"train.{s}.{k}={v}"
+                for s in ("visual", "align", "dit")
+                for k, v in (("steps", STEPS), ("checkpoint_every", 2), ("val_every", 2), ("log_every", 1))
+            ],
+            "train.dit.sample_every=2",
+            *extra,
+        ],
+    )
 
 
 def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: Path, capsys):
     cfg = _cfg(output_root)
     summary = train_experiment(cfg)
-    assert [r.stage for r in summary.stages] == ["visual", "align", "dit"] and all(r.trained for r in summary.stages)
+    assert [r.stage for r in summary.stages] == ["visual", "align", "dit"] and all(
+        r.trained for r in summary.stages
+    )
 
     client = MlflowClient(summary.tracking_uri)
     parent = client.get_run(summary.mlflow_run_id)
     assert parent.data.tags["git_commit"] and parent.data.params["model.preset"] == "tiny"
-    children = {r.data.tags["stage"]: r for r in client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    children = {
+        r.data.tags["stage"]: r
+        for r in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+    }
     assert set(children) == {"visual", "align", "dit"}
     for stage, run in children.items():
         history = client.get_metric_history(run.info.run_id, f"{stage}/total")
         assert sorted(m.step for m in history) == list(range(STEPS))  # every step exactly once
         assert run.data.params["train.steps"] == str(STEPS)
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == [f"export/{ {'visual': 'visual', 'align': 'text', 'dit': 'generator'}[stage]}"]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == [
+            f"export/{ {'visual': 'visual', 'align': 'text', 'dit': 'generator'}[stage] }"
+        ]
     assert "visual/val_dice" in children["visual"].data.metrics
     assert "align/val_cos_anatomy" in children["align"].data.metrics
     assert "dit/val_loss" in children["dit"].data.metrics
@@ -70,13 +86,14 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
 
 
 def _visual_only(root: Path, *extra: str):
-    return _cfg(root, "train.stages=[visual]", "train.scaling.num_workers=1",
-                "train.visual.steps=6", *extra)
+    return _cfg(root, "train.stages=[visual]", "train.scaling.num_workers=1", "train.visual.steps=6", *extra)
 
 
 def test_resume_after_injected_fault_matches_undisturbed_run(ray_cluster, tmp_path: Path):
     clean_cfg = _visual_only(tmp_path / "clean")
-    fault_cfg = _visual_only(tmp_path / "fault", "train.visual.fail_at_step=3", "train.scaling.max_failures=1")
+    fault_cfg = _visual_only(
+        tmp_path / "fault", "train.visual.fail_at_step=3", "train.scaling.max_failures=1"
+    )
     results = {}
     for name, cfg in (("clean", clean_cfg), ("fault", fault_cfg)):
         prepare_records(cfg)
@@ -106,8 +123,16 @@ def test_unreachable_cluster_is_a_clear_error(output_root: Path, capsys):
     spec.loader.exec_module(job)
     from vgmedgen.platform.cli import run_job
 
-    code = run_job(job.main, ["--config", str(REPO / "configs/tiny.yaml"), f"output_root={output_root}",
-                              "--address", "127.0.0.1:9"])
+    code = run_job(
+        job.main,
+        [
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            f"output_root={output_root}",
+            "--address",
+            "127.0.0.1:9",
+        ],
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Cannot reach the Ray cluster" in err and "Traceback" not in err
 
@@ -115,7 +140,9 @@ def test_unreachable_cluster_is_a_clear_error(output_root: Path, capsys):
 def test_missing_dataset_is_a_clear_error(output_root: Path, tmp_path: Path):
     from vgmedgen.platform.datasets.common import DatasetError
 
-    cfg = load_experiment(REPO / "configs/tiny.yaml", [f"output_root={output_root}", "data.dataset=busi",
-                                                        f"data.root={tmp_path / 'no_busi_here'}"])
+    cfg = load_experiment(
+        REPO / "configs/tiny.yaml",
+        [f"output_root={output_root}", "data.dataset=busi", f"data.root={tmp_path / 'no_busi_here'}"],
+    )
     with pytest.raises(DatasetError, match="no_busi_here"):
         train_experiment(cfg, address=None)

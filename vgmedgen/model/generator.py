@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import PixArtTransformer2DModel
+from diffusers import DDPMScheduler, PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
 from pydantic import Field, model_validator
 from torch import nn
@@ -516,8 +516,6 @@ class Generator(nn.Module):
             vae.requires_grad_(False)
         if cfg.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
-        from diffusers import DDPMScheduler
-
         alphas = DDPMScheduler(**cfg.schedule.scheduler_kwargs()).alphas_cumprod.float()
         self.register_buffer("alphas_cumprod", alphas, persistent=False)  # (T,)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32

@@ -190,7 +190,9 @@ def reference_to_tensor(reference: ReferenceImage, size: int) -> torch.Tensor:
         )
     square = _center_square(tensor)  # (B, 3, s, s)
     if square.shape[-1] != size:
-        square = F.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        square = F.interpolate(
+            square, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return square.clamp(0.0, 1.0) * 2.0 - 1.0  # (B, 3, S, S)
 
 
@@ -232,11 +234,15 @@ class VGMedGenPipeline(DiffusionPipeline):
             raise PipelineInputError(f"{directory} is a file; save_pretrained needs a directory")
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory / "model")
-        self.save_config(directory)  # model_index.json: {"model": ["vgmedgen.model.vgmedgen", "VGMedGen"], ...}
+        # model_index.json: {"_class_name": "VGMedGenPipeline", "model": ["vgmedgen.model.vgmedgen", "VGMedGen"]}
+        self.save_config(directory)
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
     ) -> VGMedGenPipeline:
         """Load a saved pipeline folder, or a bare model version directory.
 
@@ -250,7 +256,11 @@ class VGMedGenPipeline(DiffusionPipeline):
                 version, or a file is missing, altered or does not fit the config.
             PipelineInputError: an argument this pipeline does not support.
         """
-        unsupported = {k: v for k, v in kwargs.items() if k not in ("torch_dtype", "dtype") or v not in (None, torch.float32)}
+        unsupported = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("torch_dtype", "dtype") or v not in (None, torch.float32)
+        }
         if unsupported:
             raise PipelineInputError(
                 f"VGMedGenPipeline.from_pretrained loads local directories only and takes `device`; unsupported "
@@ -323,14 +333,22 @@ class VGMedGenPipeline(DiffusionPipeline):
 
     # -- conditions ----------------------------------------------------------------------------
 
-    def _conditions(
-        self,
-        prompt: str | Sequence[str] | None,
-        anatomy_prompt: str | Sequence[str] | None,
-        style_prompt: str | Sequence[str] | None,
-        reference_image: ReferenceImage | None,
-    ) -> dict[str, torch.Tensor]:
-        """Conditions for B prompts or reference images (``t_a (B, A)``, ``t_s (B, S)``, ...)."""
+    @staticmethod
+    def check_inputs(
+        prompt: str | Sequence[str] | None = None,
+        anatomy_prompt: str | Sequence[str] | None = None,
+        style_prompt: str | Sequence[str] | None = None,
+        reference_image: ReferenceImage | None = None,
+    ) -> tuple[list[str] | None, list[str] | None, list[str] | None]:
+        """Check which conditions are given, before anything is computed (callable without a model).
+
+        Returns:
+            ``(captions, anatomy, style)`` as lists (None where not given), with anatomy and style
+            paired one to one. Reference images are checked in full when converted.
+
+        Raises:
+            PipelineInputError: no condition, conflicting conditions, mismatched or empty prompts.
+        """
         captions = _as_prompts(prompt, "prompt")
         anatomy = _as_prompts(anatomy_prompt, "anatomy_prompt")
         style = _as_prompts(style_prompt, "style_prompt")
@@ -344,37 +362,56 @@ class VGMedGenPipeline(DiffusionPipeline):
                     "`prompt` (a whole caption) cannot be combined with `anatomy_prompt`, `style_prompt` or "
                     f"`reference_image`; {how}"
                 )
-            return self.model.conditions_from_captions(captions)
+            return captions, None, None
         if reference_image is not None:
             if anatomy is not None:
                 raise PipelineInputError(
                     "`anatomy_prompt` cannot be combined with `reference_image`: the anatomy comes from the image; "
                     "drop one of them"
                 )
-            images = reference_to_tensor(reference_image, self.model.generator.image_size)  # (B, 3, S, S)
-            n_ref = images.shape[0]
-            if style is not None:
-                if len(style) != n_ref:
-                    if not isinstance(style_prompt, str):
-                        raise PipelineInputError(
-                            f"reference_image has {n_ref} images but style_prompt has {len(style)} prompts; give "
-                            "one style prompt per image, or a single string for all"
-                        )
-                    style = style * n_ref
-            return self.model.conditions_from_reference(images, style=style)
+            return None, None, style
         if anatomy is None and style is None:
             raise PipelineInputError(f"no prompt given; {how}")
         if anatomy is None or style is None:
-            given, missing = ("anatomy_prompt", "style_prompt") if style is None else ("style_prompt", "anatomy_prompt")
+            given, missing = (
+                ("anatomy_prompt", "style_prompt") if style is None else ("style_prompt", "anatomy_prompt")
+            )
             raise PipelineInputError(
                 f"`{given}` needs `{missing}` too (or a `reference_image` for the anatomy); {how}"
             )
         anatomy, style = _pair(anatomy, style, "anatomy_prompt", "style_prompt", anatomy_prompt, style_prompt)
-        return self.model.conditions_from_prompts(anatomy, style)
+        return None, anatomy, style
+
+    def _conditions(
+        self,
+        prompt: str | Sequence[str] | None,
+        anatomy_prompt: str | Sequence[str] | None,
+        style_prompt: str | Sequence[str] | None,
+        reference_image: ReferenceImage | None,
+    ) -> dict[str, torch.Tensor]:
+        """Conditions for B prompts or reference images (``t_a (B, A)``, ``t_s (B, S)``, ...)."""
+        captions, anatomy, style = self.check_inputs(prompt, anatomy_prompt, style_prompt, reference_image)
+        if captions is not None:
+            return self.model.conditions_from_captions(captions)
+        if reference_image is not None:
+            images = reference_to_tensor(reference_image, self.model.generator.image_size)  # (B, 3, S, S)
+            n_ref = images.shape[0]
+            if style is not None and len(style) != n_ref:
+                if not isinstance(style_prompt, str):
+                    raise PipelineInputError(
+                        f"reference_image has {n_ref} images but style_prompt has {len(style)} prompts; give "
+                        "one style prompt per image, or a single string for all"
+                    )
+                style = style * n_ref
+            return self.model.conditions_from_reference(images, style=style)
+        # check_inputs returned both lists, paired.
+        return self.model.conditions_from_prompts(anatomy or [], style or [])
 
     @staticmethod
     def _seeds(
-        n: int, seed: int | Sequence[int] | None, generator: torch.Generator | Sequence[torch.Generator] | None
+        n: int,
+        seed: int | Sequence[int] | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
     ) -> list[int]:
         """One integer seed per image (see the module docstring)."""
         if seed is not None and generator is not None:
@@ -386,7 +423,9 @@ class VGMedGenPipeline(DiffusionPipeline):
                 seeds = [int(seed) + k for k in range(n)]
             else:
                 seeds = list(seed)
-                if len(seeds) != n or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+                if len(seeds) != n or not all(
+                    isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds
+                ):
                     raise PipelineInputError(f"seed as a list needs {n} ints (one per image), got {seed!r}")
                 seeds = [int(s) for s in seeds]
             if any(s < 0 or s >= 2**63 for s in seeds):
@@ -394,7 +433,9 @@ class VGMedGenPipeline(DiffusionPipeline):
             return seeds
         if isinstance(generator, (list, tuple)):
             if len(generator) != n:
-                raise PipelineInputError(f"got {len(generator)} generators for {n} images; give one per image")
+                raise PipelineInputError(
+                    f"got {len(generator)} generators for {n} images; give one per image"
+                )
             return [int(torch.randint(0, _SEED_HIGH, (1,), generator=g)) for g in generator]
         if generator is not None and not isinstance(generator, torch.Generator):
             raise PipelineInputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -447,7 +488,9 @@ class VGMedGenPipeline(DiffusionPipeline):
             PipelineInputError: no prompt, conflicting or mismatched prompts, bad values.
         """
         if output_type not in OUTPUT_TYPES:
-            raise PipelineInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+            raise PipelineInputError(
+                f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
+            )
         for name, value in (("num_images_per_prompt", num_images_per_prompt), ("batch_size", batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise PipelineInputError(f"{name} must be a positive integer, got {value!r}")
@@ -491,9 +534,7 @@ class VGMedGenPipeline(DiffusionPipeline):
         return SamplerConfig.model_validate({**base, **update})
 
     @staticmethod
-    def _postprocess(
-        images: torch.Tensor, masks: torch.Tensor, output_type: str
-    ) -> tuple[Any, Any]:
+    def _postprocess(images: torch.Tensor, masks: torch.Tensor, output_type: str) -> tuple[Any, Any]:
         """``(N, 3, H, W)`` images and ``(N, 1, H, W)`` mask probabilities in the requested type."""
         if output_type == "pt":
             return images, masks

@@ -193,13 +193,17 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
         files = dict(manifest["files"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ModelVersionError(f"{path} is not a valid manifest ({exc}); the model version is corrupted") from None
+        raise ModelVersionError(
+            f"{path} is not a valid manifest ({exc}); the model version is corrupted"
+        ) from None
     for rel, digest in files.items():
         f = directory / rel
         if not f.is_file():
             raise ModelVersionError(f"{f} is listed in {path} but missing; the model version is incomplete")
         if _sha256(f) != digest:
-            raise ModelVersionError(f"{f} does not match its hash in {path}: the file was changed or corrupted")
+            raise ModelVersionError(
+                f"{f} does not match its hash in {path}: the file was changed or corrupted"
+            )
     return manifest
 
 
@@ -229,7 +233,10 @@ def _load_tensors(path: Path, module: nn.Module, what: str, strict: bool = True)
 def save_visual(model: VisualDisentangler, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(directory / "model.safetensors"),
+    )
     (directory / "config.json").write_text(model.config.model_dump_json(indent=2))
     write_manifest(directory, {"part": "visual"})
 
@@ -247,7 +254,10 @@ def save_text(model: TextDisentangler, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(directory / "encoder")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}, str(directory / "heads.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()},
+        str(directory / "heads.safetensors"),
+    )
     (directory / "config.json").write_text(model.config.model_dump_json(indent=2))
     write_manifest(directory, {"part": "text"})
 
@@ -256,7 +266,9 @@ def load_text(directory: Path, config: TextConfig | None = None) -> TextDisentan
     directory = Path(directory)
     verify_manifest(directory)
     config = config or TextConfig.model_validate_json((directory / "config.json").read_text())
-    encoder = TextEncoder.from_pretrained(directory / "encoder", max_length=config.max_length, frozen=config.frozen)
+    encoder = TextEncoder.from_pretrained(
+        directory / "encoder", max_length=config.max_length, frozen=config.frozen
+    )
     model = TextDisentangler(config, encoder)
     _load_tensors(directory / "heads.safetensors", model.heads, "text heads")
     return model.eval()
@@ -275,7 +287,10 @@ def save_generator(model: Generator, ema: EMA | None, directory: Path) -> None:
     if not model.lora_modules:
         shutil.rmtree(directory / "lora", ignore_errors=True)
     if ema is not None:
-        save_file({n: s.detach().float().cpu().contiguous() for n, s in ema.shadow.items()}, str(directory / "ema.safetensors"))
+        save_file(
+            {n: s.detach().float().cpu().contiguous() for n, s in ema.shadow.items()},
+            str(directory / "ema.safetensors"),
+        )
         (directory / "ema.json").write_text(
             json.dumps({"decay": ema.decay, "num_updates": ema.num_updates, "warmup": ema.warmup})
         )
@@ -331,7 +346,11 @@ class VGMedGen(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, visual: VisualDisentangler, text: TextDisentangler, generator: Generator,
+        self,
+        config: ModelConfig,
+        visual: VisualDisentangler,
+        text: TextDisentangler,
+        generator: Generator,
         ema: EMA | None = None,
     ) -> None:
         super().__init__()
@@ -374,10 +393,17 @@ class VGMedGen(nn.Module):
     def conditions_from_captions(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """One caption per image, split by the stage-2 heads into ``t_a (N, A)``, ``t_s (N, S)``."""
         out = self.text(list(captions))
-        return {"t_a": out.t_a, "t_s": out.t_s, "text_tokens": out.token_embeds, "text_mask": out.attention_mask}
+        return {
+            "t_a": out.t_a,
+            "t_s": out.t_s,
+            "text_tokens": out.token_embeds,
+            "text_mask": out.attention_mask,
+        }
 
     @torch.no_grad()
-    def conditions_from_prompts(self, anatomy: Sequence[str], style: Sequence[str]) -> dict[str, torch.Tensor]:
+    def conditions_from_prompts(
+        self, anatomy: Sequence[str], style: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         """An anatomy prompt and a style prompt per image (the swap that shows control)."""
         t_a, t_s = self.text.split_separate(list(anatomy), list(style))
         conditions: dict[str, torch.Tensor] = {"t_a": t_a, "t_s": t_s}
@@ -419,9 +445,13 @@ class VGMedGen(nn.Module):
         kwargs = {k: conditions[k] for k in ("text_tokens", "text_mask") if k in conditions}
         if self.ema is not None and use_ema:
             with self.ema.swapped_in(self.generator):
-                images = sample(self.generator, conditions["t_a"], conditions["t_s"], list(seeds), cfg=cfg, **kwargs)
+                images = sample(
+                    self.generator, conditions["t_a"], conditions["t_s"], list(seeds), cfg=cfg, **kwargs
+                )
         else:
-            images = sample(self.generator, conditions["t_a"], conditions["t_s"], list(seeds), cfg=cfg, **kwargs)
+            images = sample(
+                self.generator, conditions["t_a"], conditions["t_s"], list(seeds), cfg=cfg, **kwargs
+            )
         masks = self.visual.segment(images * 2.0 - 1.0)  # (N, 1, H, W)
         return images, masks
 

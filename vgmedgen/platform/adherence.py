@@ -149,7 +149,7 @@ class AdherenceConfig(StrictConfig):
     colour_threshold: float = Field(0.6, ge=0.0, le=1.0)
     mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     colour_context: tuple[str, ...] = ("skin_tone", "illumination", "device")
-    min_calibration_records: int = Field(5, ge=1)
+    min_calibration_records: int = Field(8, ge=1)
     calibration_records: int = Field(4000, ge=1)
     calibration_split: str = "train"
     sampler: SamplerConfig | None = None
@@ -161,13 +161,17 @@ class AdherenceConfig(StrictConfig):
         bad = [f for f in v if f not in STYLE_FACTORS or f == "pigment"]
         if bad:
             allowed = ", ".join(f for f in STYLE_FACTORS if f != "pigment")
-            raise ValueError(f"colour_context factors {bad} are not style factors other than pigment; allowed: {allowed}")
+            raise ValueError(
+                f"colour_context factors {bad} are not style factors other than pigment; allowed: {allowed}"
+            )
         return v
 
     @model_validator(mode="after")
     def _check_cells(self) -> AdherenceConfig:
         if not self.rows or not self.columns:
-            raise ValueError("adherence needs at least one row (anatomy prompt) and one column (style prompt)")
+            raise ValueError(
+                "adherence needs at least one row (anatomy prompt) and one column (style prompt)"
+            )
         _check_factor_cells(self.rows, ANATOMY_FACTORS, "rows")
         _check_factor_cells(self.columns, STYLE_FACTORS, "columns")
         _check_factor_cells([self.anatomy_defaults], ANATOMY_FACTORS, "anatomy_defaults")
@@ -175,20 +179,30 @@ class AdherenceConfig(StrictConfig):
         for k, row in enumerate(self.rows):
             missing = {"size", "position"} - set(row)
             if missing:
-                raise ValueError(f"rows[{k}] must name {' and '.join(sorted(missing))}: they are what the rows measure")
+                raise ValueError(
+                    f"rows[{k}] must name {' and '.join(sorted(missing))}: they are what the rows measure"
+                )
             if not set(ANATOMY_FACTORS) <= set(row) | set(self.anatomy_defaults):
-                raise ValueError(f"rows[{k}] with anatomy_defaults does not give every anatomy factor {ANATOMY_FACTORS}")
+                raise ValueError(
+                    f"rows[{k}] with anatomy_defaults does not give every anatomy factor {ANATOMY_FACTORS}"
+                )
         for k, col in enumerate(self.columns):
             if "pigment" not in col:
                 raise ValueError(f"columns[{k}] must name a pigment: it is what the columns measure")
             if not set(STYLE_FACTORS) <= set(col) | set(self.style_defaults):
-                raise ValueError(f"columns[{k}] with style_defaults does not give every style factor {STYLE_FACTORS}")
+                raise ValueError(
+                    f"columns[{k}] with style_defaults does not give every style factor {STYLE_FACTORS}"
+                )
         return self
 
     @property
     def thresholds(self) -> dict[str, float]:
         """Factor -> agreement needed to pass."""
-        return {"size": self.size_threshold, "position": self.position_threshold, "colour": self.colour_threshold}
+        return {
+            "size": self.size_threshold,
+            "position": self.position_threshold,
+            "colour": self.colour_threshold,
+        }
 
     def row_factors(self) -> list[dict[str, str]]:
         """Every row's complete anatomy factors."""
@@ -227,7 +241,9 @@ class ImageMeasurement:
     position: str | None
 
 
-def measure_images(images: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarray, threshold: float = 0.5) -> list[ImageMeasurement]:
+def measure_images(
+    images: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarray, threshold: float = 0.5
+) -> list[ImageMeasurement]:
     """Measure a batch of images through their lesion masks.
 
     Args:
@@ -370,9 +386,13 @@ def load_calibration(records_dir: Path, cfg: AdherenceConfig) -> ColourReference
     masks = np.stack([decode_png(b, "L") for b in table.column("mask").to_pylist()]) > 127  # (N, H, W)
     attrs = [json.loads(a) for a in table.column("attributes").to_pylist()]
     if not all("pigment" in a for a in attrs):
-        raise ValueError(f"the records at {records_dir} carry no SynthDerm factors (attributes.pigment): adherence needs SynthDerm")
+        raise ValueError(
+            f"the records at {records_dir} carry no SynthDerm factors (attributes.pigment): adherence needs SynthDerm"
+        )
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-    return calibrate_colours(tensor, torch.from_numpy(masks), attrs, cfg.colour_context, cfg.min_calibration_records)
+    return calibrate_colours(
+        tensor, torch.from_numpy(masks), attrs, cfg.colour_context, cfg.min_calibration_records
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +452,9 @@ class AdherenceResult:
         for r in self.rows:
             sizes = ", ".join(f"{k}:{v}" for k, v in r["measured_size"].items())
             pos = ", ".join(f"{k}:{v}" for k, v in r["measured_position"].items())
-            lines.append(f"{r['prompt'][:57]:<58}{r['size_agreement']:>6.2f}{r['position_agreement']:>6.2f}  {sizes} / {pos}")
+            lines.append(
+                f"{r['prompt'][:57]:<58}{r['size_agreement']:>6.2f}{r['position_agreement']:>6.2f}  {sizes} / {pos}"
+            )
         lines.append("")
         lines.append(f"{'column (style prompt)':<58}{'colour':>7}  measured pigment")
         for c in self.columns:
@@ -469,7 +491,9 @@ def score(
         The :class:`AdherenceResult` (without grid paths).
     """
     if not (len(measurements) == len(row_of) == len(col_of)) or not measurements:
-        raise ValueError(f"need one row and column per measurement, got {len(measurements)}, {len(row_of)}, {len(col_of)}")
+        raise ValueError(
+            f"need one row and column per measurement, got {len(measurements)}, {len(row_of)}, {len(col_of)}"
+        )
     rows, cols = cfg.row_factors(), cfg.column_factors()
     per_image = []
     for m, i, j in zip(measurements, row_of, col_of):
@@ -567,7 +591,9 @@ def measure_adherence(
     images, masks = [], []
     for start in range(0, len(seeds), cfg.batch_size):
         sl = slice(start, start + cfg.batch_size)
-        cond = model.conditions_from_prompts([row_prompts[i] for i in row_of[sl]], [col_prompts[j] for j in col_of[sl]])
+        cond = model.conditions_from_prompts(
+            [row_prompts[i] for i in row_of[sl]], [col_prompts[j] for j in col_of[sl]]
+        )
         im, mk = model.generate(cond, seeds[sl], sampler=cfg.sampler)
         images.append(im.cpu())
         masks.append(mk.cpu())
@@ -578,7 +604,9 @@ def measure_adherence(
         p["seed"] = s
     if out_dir is not None:
         out_dir = Path(out_dir)
-        result.grid_path = save_swap_grid(all_images[::k], row_prompts, col_prompts, out_dir / "swap_grid.png")
+        result.grid_path = save_swap_grid(
+            all_images[::k], row_prompts, col_prompts, out_dir / "swap_grid.png"
+        )
         result.samples_path = save_grid(all_images, out_dir / "samples.png", ncol=n_c * k)
         payload = {
             "agreement": result.agreement,

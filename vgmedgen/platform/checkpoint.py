@@ -41,9 +41,16 @@ def _split(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[path] = obj.detach().cpu().contiguous()
         return {"__tensor__": path}
     if isinstance(obj, dict):
-        return {"__dict__": [[_encode_key(k), _split(v, f"{path}/{_encode_key(k)}", tensors)] for k, v in obj.items()]}
+        return {
+            "__dict__": [
+                [_encode_key(k), _split(v, f"{path}/{_encode_key(k)}", tensors)] for k, v in obj.items()
+            ]
+        }
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)], "tuple": isinstance(obj, tuple)}
+        return {
+            "__list__": [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)],
+            "tuple": isinstance(obj, tuple),
+        }
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path or '<root>'}")
@@ -90,7 +97,9 @@ def load_state(directory: str | Path, name: str, map_location: str | torch.devic
     st, js = directory / f"{name}.safetensors", directory / f"{name}.json"
     for f in (st, js):
         if not f.is_file():
-            raise CheckpointError(f"Checkpoint file {f} is missing: the checkpoint at {directory} is incomplete")
+            raise CheckpointError(
+                f"Checkpoint file {f} is missing: the checkpoint at {directory} is incomplete"
+            )
     tensors = load_file(str(st), device=str(map_location))
     return _join(json.loads(js.read_text()), tensors)
 

@@ -25,19 +25,32 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vgmedgen.platform.prepare import PrepareError
     from vgmedgen.platform.records import RecordError
 
-    return (ConfigError, ClusterError, DatasetError, CorruptInputError, PrepareError, RecordError, FileNotFoundError)
-
+    return (
+        ConfigError,
+        ClusterError,
+        DatasetError,
+        CorruptInputError,
+        PrepareError,
+        RecordError,
+        FileNotFoundError,
+    )
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every job takes."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", "-c", help="experiment YAML (see configs/); defaults apply when omitted")
     parser.add_argument(
         "overrides", nargs="*", metavar="path=value", help="dotted config overrides, e.g. data.resolution=32"
     )
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--fresh", action="store_true", help="start anew instead of reusing or resuming earlier output")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="start anew instead of reusing or resuming earlier output"
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
     return parser
 
@@ -45,7 +58,8 @@ def job_parser(description: str) -> argparse.ArgumentParser:
 def load_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The validated experiment config named by the parsed arguments."""
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return load_experiment(args.config, args.overrides)
 

@@ -39,7 +39,9 @@ def probe_address(address: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool | None = None):
+def connect(
+    address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool | None = None
+):
     """Initialise Ray once per process and return the ``ray`` module.
 
     Args:

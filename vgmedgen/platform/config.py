@@ -52,13 +52,17 @@ class SplitConfig(StrictConfig):
     val: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
-    use_official: bool = Field(True, description="Use the dataset's own split lists where it ships them (Kvasir-SEG).")
+    use_official: bool = Field(
+        True, description="Use the dataset's own split lists where it ships them (Kvasir-SEG)."
+    )
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"train + val + test must be 1, got {self.train} + {self.val} + {self.test} = {total:g}")
+            raise ValueError(
+                f"train + val + test must be 1, got {self.train} + {self.val} + {self.test} = {total:g}"
+            )
         return self
 
 
@@ -73,17 +77,27 @@ class PrepareConfig(StrictConfig):
     """The ``data`` section: which dataset to prepare into records, and how."""
 
     dataset: Literal["synthderm", "ham10000", "kvasir_seg", "busi", "csv"] = "synthderm"
-    root: Path | None = Field(None, description="Raw dataset directory in its public layout (not for synthderm).")
-    name: str | None = Field(None, description="Records directory name under <output_root>/records; default <dataset>-<resolution>.")
+    root: Path | None = Field(
+        None, description="Raw dataset directory in its public layout (not for synthderm)."
+    )
+    name: str | None = Field(
+        None,
+        description="Records directory name under <output_root>/records; default <dataset>-<resolution>.",
+    )
     resolution: int = Field(64, ge=8, le=4096)
     resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
     synthderm: SynthDermOptions = SynthDermOptions()
     reader: ReaderOptions = ReaderOptions()
     split: SplitConfig = SplitConfig()
     near_duplicate_distance: int = Field(
-        6, ge=0, le=64, description="BUSI: images whose 64-bit perceptual hashes differ in at most this many bits share a group."
+        6,
+        ge=0,
+        le=64,
+        description="BUSI: images whose 64-bit perceptual hashes differ in at most this many bits share a group.",
     )
-    strict: bool = Field(False, description="Fail on the first corrupt image or mask instead of skipping and counting it.")
+    strict: bool = Field(
+        False, description="Fail on the first corrupt image or mask instead of skipping and counting it."
+    )
     items_per_task: int = Field(256, ge=1, description="Images per Ray Data task (and per Parquet file).")
 
     @field_validator("name")
@@ -98,7 +112,9 @@ class PrepareConfig(StrictConfig):
         if self.dataset not in ("synthderm", "csv") and self.root is None:
             raise ValueError(f"dataset '{self.dataset}' needs data.root: the directory of its public release")
         if self.dataset == "csv" and self.reader.csv_file is None:
-            raise ValueError("dataset 'csv' needs data.reader.csv_file: a CSV with columns image,label[,mask,caption,group]")
+            raise ValueError(
+                "dataset 'csv' needs data.reader.csv_file: a CSV with columns image,label[,mask,caption,group]"
+            )
         return self
 
     @property
@@ -138,7 +154,9 @@ class ExperimentConfig(StrictConfig):
 
 def resolve_output_root(configured: Path | str | None) -> Path:
     """The absolute output root: the configured value, else ``$VGMEDGEN_OUTPUT_ROOT``, else ``~/vgmedgen``."""
-    value = str(configured) if configured is not None else os.environ.get(OUTPUT_ROOT_ENV) or DEFAULT_OUTPUT_ROOT
+    value = (
+        str(configured) if configured is not None else os.environ.get(OUTPUT_ROOT_ENV) or DEFAULT_OUTPUT_ROOT
+    )
     path = Path(value).expanduser()
     if not path.is_absolute():
         raise ConfigError(
@@ -197,7 +215,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"Config file {path} must hold a mapping at the top level, got {type(data).__name__}"
+        )
     return data
 
 

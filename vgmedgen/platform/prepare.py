@@ -165,7 +165,9 @@ def _read_manifest(records_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def prepare_records(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False) -> PrepareSummary:
+def prepare_records(
+    cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False
+) -> PrepareSummary:
     """Prepare the records of ``cfg.data`` under ``<output_root>/records/<name>``.
 
     Args:
@@ -235,7 +237,8 @@ def prepare_records(cfg: ExperimentConfig, *, address: str | None = None, fresh:
 def _finalise(meta: list[dict], data: PrepareConfig, stage: Path, out_dir: Path) -> PrepareSummary:
     ok = sorted((m for m in meta if m["status"] == "ok"), key=lambda m: m["id"])
     skipped = sorted(
-        ({"path": m["path"], "error": m["error"]} for m in meta if m["status"] == "skipped"), key=lambda s: s["path"]
+        ({"path": m["path"], "error": m["error"]} for m in meta if m["status"] == "skipped"),
+        key=lambda s: s["path"],
     )
     if skipped and data.strict:
         listing = "\n".join(f"  {s['path']}: {s['error']}" for s in skipped[:20])
@@ -244,7 +247,9 @@ def _finalise(meta: list[dict], data: PrepareConfig, stage: Path, out_dir: Path)
             "Fix or remove these files, or set data.strict=false to skip them."
         )
     if not ok:
-        raise PrepareError(f"None of the {len(meta)} inputs could be read; see the errors above ({skipped[:3]})")
+        raise PrepareError(
+            f"None of the {len(meta)} inputs could be read; see the errors above ({skipped[:3]})"
+        )
     for s in skipped:
         log.warning("Skipped %s: %s", s["path"], s["error"])
 
@@ -265,10 +270,16 @@ def _finalise(meta: list[dict], data: PrepareConfig, stage: Path, out_dir: Path)
     for n, f in enumerate(files):
         table = pq.read_table(f).cast(RECORD_SCHEMA)
         rid = table.column("id").to_pylist()
-        table = table.set_column(table.schema.get_field_index("split"), RECORD_SCHEMA.field("split"),
-                                 pa.array([split_of[i] for i in rid], pa.string()))
-        table = table.set_column(table.schema.get_field_index("group"), RECORD_SCHEMA.field("group"),
-                                 pa.array([group_of[i] for i in rid], pa.string()))
+        table = table.set_column(
+            table.schema.get_field_index("split"),
+            RECORD_SCHEMA.field("split"),
+            pa.array([split_of[i] for i in rid], pa.string()),
+        )
+        table = table.set_column(
+            table.schema.get_field_index("group"),
+            RECORD_SCHEMA.field("group"),
+            pa.array([group_of[i] for i in rid], pa.string()),
+        )
         table = table.sort_by("id")
         pq.write_table(table, out_dir / f"part-{n:05d}.parquet")
 

@@ -102,7 +102,9 @@ def validate_table(table: pa.Table, *, where: str = "records") -> None:
         want = {f.name: str(f.type) for f in RECORD_SCHEMA}
         got = {f.name: str(f.type) for f in table.schema}
         diff = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
-        raise RecordError(f"{where}: schema differs from the canonical record (column: (expected, got)): {diff}")
+        raise RecordError(
+            f"{where}: schema differs from the canonical record (column: (expected, got)): {diff}"
+        )
     ids = table.column("id").to_pylist()
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
@@ -119,7 +121,9 @@ def validate_table(table: pa.Table, *, where: str = "records") -> None:
     group_split: dict[str, str] = {}
     for gid, split, rid in zip(table.column("group").to_pylist(), table.column("split").to_pylist(), ids):
         if group_split.setdefault(gid, split) != split:
-            raise RecordError(f"{where}: group {gid!r} spans splits {group_split[gid]!r} and {split!r} (row {rid!r})")
+            raise RecordError(
+                f"{where}: group {gid!r} spans splits {group_split[gid]!r} and {split!r} (row {rid!r})"
+            )
     for i, attrs in enumerate(table.column("attributes").to_pylist()):
         try:
             json.loads(attrs)

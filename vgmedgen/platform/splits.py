@@ -18,7 +18,9 @@ __all__ = ["assign_splits"]
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _deal(group_sizes: list[tuple[str, int]], fractions: Mapping[str, float], rng: np.random.Generator) -> dict[str, str]:
+def _deal(
+    group_sizes: list[tuple[str, int]], fractions: Mapping[str, float], rng: np.random.Generator
+) -> dict[str, str]:
     """Deal groups (shuffled) to splits, each to the split with the largest deficit against its target."""
     order = rng.permutation(len(group_sizes))
     total = sum(size for _, size in group_sizes)
@@ -92,7 +94,10 @@ def assign_splits(
 
 
 def _stratified(
-    group_label: Mapping[str, str], members: Mapping[str, list[int]], fractions: Mapping[str, float], seed: int
+    group_label: Mapping[str, str],
+    members: Mapping[str, list[int]],
+    fractions: Mapping[str, float],
+    seed: int,
 ) -> dict[str, str]:
     by_label: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for gid in sorted(group_label):

@@ -31,16 +31,24 @@ class TrackingConfig(StrictConfig):
     """Where runs are recorded and under what names."""
 
     enabled: bool = True
-    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under output_root.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under output_root."
+    )
     experiment: str | None = Field(None, description="MLflow experiment name; default the experiment's name.")
-    registered_model: str | None = Field(None, description="Model Registry name; default vgmedgen-<experiment name>.")
-    alias: str = Field("current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="Registry alias of the newest version.")
+    registered_model: str | None = Field(
+        None, description="Model Registry name; default vgmedgen-<experiment name>."
+    )
+    alias: str = Field(
+        "current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="Registry alias of the newest version."
+    )
 
     @field_validator("alias")
     @classmethod
     def _not_reserved(cls, v: str) -> str:
         if v.lower() == "latest" or (v[0] in "vV" and v[1:].isdigit()):
-            raise ValueError(f"MLflow reserves the alias {v!r} ('latest' and v<N>); use e.g. 'current' or 'champion'")
+            raise ValueError(
+                f"MLflow reserves the alias {v!r} ('latest' and v<N>); use e.g. 'current' or 'champion'"
+            )
         return v
 
 
@@ -58,9 +66,16 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def git_commit(repo: Path | None = None) -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=repo or Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -100,7 +115,9 @@ class Tracker:
 
         self.cfg = cfg
         self.root = output_root
-        self.uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_root / 'mlflow.db'}"
+        self.uri = (
+            cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_root / 'mlflow.db'}"
+        )
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(self.uri)
@@ -111,7 +128,9 @@ class Tracker:
             location = None
             if self.uri.startswith("sqlite:"):
                 location = (output_root / "mlartifacts" / self.experiment_name).as_uri()
-            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                self.experiment_name, artifact_location=location
+            )
         else:
             self.experiment_id = exp.experiment_id
         self._mlflow = mlflow
@@ -119,7 +138,9 @@ class Tracker:
     def ui_command(self) -> str:
         return f"mlflow ui --backend-store-uri {self.uri}"
 
-    def run(self, key: str, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    def run(
+        self, key: str, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
         """The run tagged with ``key``: the existing one (resumed jobs reuse it) or a new one."""
         found = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
@@ -164,10 +185,15 @@ class Tracker:
             pass  # already registered
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         existing = [
-            mv for mv in self.client.search_model_versions(f"name='{self.model_name}' and run_id='{run_id}'")
+            mv
+            for mv in self.client.search_model_versions(f"name='{self.model_name}' and run_id='{run_id}'")
             if mv.source == source
         ]
-        mv = existing[0] if existing else self.client.create_model_version(self.model_name, source, run_id=run_id)
+        mv = (
+            existing[0]
+            if existing
+            else self.client.create_model_version(self.model_name, source, run_id=run_id)
+        )
         self.client.set_registered_model_alias(self.model_name, self.cfg.alias, mv.version)
         return str(mv.version)
 
@@ -187,5 +213,7 @@ class Tracker:
         try:
             mv = self.client.get_model_version_by_alias(name, alias)
         except MlflowException as exc:
-            raise FileNotFoundError(f"No registered model version {name}@{alias} in {self.uri}: {exc.message}") from None
+            raise FileNotFoundError(
+                f"No registered model version {name}@{alias} in {self.uri}: {exc.message}"
+            ) from None
         return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=self.uri))

@@ -5,7 +5,7 @@ rows; ``process_item(item, resolution, resize)`` turns one into a canonical reco
 (shared/DATASETS.md). The prepare job runs both, then groups, splits and writes Parquet.
 """
 
-from .common import (
+from vgmedgen.platform.datasets.common import (
     READERS,
     CorruptInputError,
     DatasetError,
@@ -14,7 +14,13 @@ from .common import (
     SourceItem,
     read_source_items,
 )
-from .process import RESIZE_POLICIES, group_near_duplicates, perceptual_hash, phash_distance, process_item
+from vgmedgen.platform.datasets.process import (
+    RESIZE_POLICIES,
+    group_near_duplicates,
+    perceptual_hash,
+    phash_distance,
+    process_item,
+)
 
 __all__ = [
     "READERS",

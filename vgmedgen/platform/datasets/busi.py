@@ -25,7 +25,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .common import (
+from vgmedgen.platform.datasets.common import (
     IMAGE_SUFFIXES,
     DatasetError,
     DatasetWarning,

@@ -321,10 +321,10 @@ Reader = Callable[[Path, ReaderOptions], list[SourceItem]]
 
 # The reader modules import the names above from this module, so they are imported here,
 # after those names exist (importing any of them first lands here too, through the package).
-from .busi import read_busi  # noqa: E402
-from .csv_dataset import read_csv_dataset  # noqa: E402
-from .ham10000 import read_ham10000  # noqa: E402
-from .kvasir import read_kvasir_seg  # noqa: E402
+from vgmedgen.platform.datasets.busi import read_busi  # noqa: E402
+from vgmedgen.platform.datasets.csv_dataset import read_csv_dataset  # noqa: E402
+from vgmedgen.platform.datasets.ham10000 import read_ham10000  # noqa: E402
+from vgmedgen.platform.datasets.kvasir import read_kvasir_seg  # noqa: E402
 
 #: Reader functions by dataset name.
 READERS: dict[str, Reader] = {

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .common import (
+from vgmedgen.platform.datasets.common import (
     DatasetError,
     ReaderOptions,
     SourceItem,

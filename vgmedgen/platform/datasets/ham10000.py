@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .common import (
+from vgmedgen.platform.datasets.common import (
     DatasetError,
     DatasetWarning,
     ReaderOptions,

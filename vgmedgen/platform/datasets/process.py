@@ -24,9 +24,8 @@ from scipy.fft import dctn
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform import measure
+from vgmedgen.platform.datasets.common import CorruptInputError, SourceItem
 from vgmedgen.platform.records import encode_png
-
-from .common import CorruptInputError, SourceItem
 
 __all__ = [
     "DATASET_VOCABULARY",

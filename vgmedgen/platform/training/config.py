@@ -21,7 +21,9 @@ class ScalingOptions(StrictConfig):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint before giving up.")
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group restarts from the latest checkpoint before giving up."
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
@@ -41,15 +43,23 @@ class StageTrainConfig(StrictConfig):
     num_to_keep: int = Field(2, ge=1)
     val_every: int = Field(100, ge=1)
     val_batches: int = Field(2, ge=1)
-    sample_every: int = Field(0, ge=0, description="dit: write a sample grid every N steps (0: only at the end).")
+    sample_every: int = Field(
+        0, ge=0, description="dit: write a sample grid every N steps (0: only at the end)."
+    )
     log_every: int = Field(10, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA only.")
-    fail_at_step: int | None = Field(None, ge=0, description="Fault injection for tests: raise once at this step.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA only."
+    )
+    fail_at_step: int | None = Field(
+        None, ge=0, description="Fault injection for tests: raise once at this step."
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> StageTrainConfig:
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
+            )
         return self
 
 
@@ -71,7 +81,9 @@ class TrainConfig(StrictConfig):
             raise ValueError("train.stages is empty; name at least one of visual, align, dit")
         order = [STAGES.index(s) for s in self.stages]
         if order != sorted(set(order)):
-            raise ValueError(f"train.stages must be in the order visual, align, dit without repeats, got {list(self.stages)}")
+            raise ValueError(
+                f"train.stages must be in the order visual, align, dit without repeats, got {list(self.stages)}"
+            )
         if self.stages[0] != "visual" and self.init_from is None:
             raise ValueError(
                 f"train.stages starts at '{self.stages[0]}', which needs the earlier stages: set train.init_from to a "

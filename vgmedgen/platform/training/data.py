@@ -94,7 +94,9 @@ def batch_indices(n: int, global_batch: int, seed: int, micro_step: int, rank: i
     return perm[take][rank::world]
 
 
-def step_generator(seed: int, micro_step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+def step_generator(
+    seed: int, micro_step: int, rank: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """The random stream of one rank's micro-batch (noise, timesteps, dropout): a pure function of its inputs."""
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.default_rng([seed, micro_step, rank, 7]).integers(0, 2**62)))

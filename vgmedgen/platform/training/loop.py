@@ -186,6 +186,7 @@ def train_loop(
         metrics = {f"{task.name}/{k}": v for k, v in terms.items()}
         metrics[f"{task.name}/lr"] = sched.get_last_lr()[0]
         metrics[f"{task.name}/samples_per_s"] = samples_done / max(elapsed, 1e-9)
+        metrics[f"{task.name}/peak_rss_mb"] = _peak_rss_mb()
         last = step == cfg.steps - 1
         if ctx.rank == 0 and ((step + 1) % cfg.val_every == 0 or last):
             metrics.update({f"{task.name}/val_{k}": v for k, v in task.validate().items()})
@@ -198,7 +199,12 @@ def train_loop(
                     f"{metrics[f'{task.name}/samples_per_s']:.1f} samples/s ETA {_fmt(eta)}",
                     flush=True,
                 )
-            if metrics_sink is not None and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not last:
+            if (
+                metrics_sink is not None
+                and cfg.sample_every
+                and (step + 1) % cfg.sample_every == 0
+                and not last
+            ):
                 with tempfile.TemporaryDirectory() as d:
                     metrics_sink.artifacts(task.artifacts(step + 1, Path(d)))
         if (step + 1) % cfg.checkpoint_every == 0 or last:
@@ -229,6 +235,12 @@ def _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink) -> 
         ctx.report({"step": step, **_finite(metrics)}, d if ctx.rank == 0 else None)
     if ctx.rank == 0 and metrics_sink is not None and pending:
         metrics_sink(pending)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

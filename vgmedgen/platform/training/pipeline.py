@@ -47,7 +47,9 @@ def ensure_text_encoder(cfg: ExperimentConfig) -> Path:
     table = read_records(cfg.records_dir, columns=["split", "caption", "anatomy_text", "style_text"])
     texts = [
         t
-        for split, *row in zip(*(table.column(c).to_pylist() for c in ("split", "caption", "anatomy_text", "style_text")))
+        for split, *row in zip(
+            *(table.column(c).to_pylist() for c in ("split", "caption", "anatomy_text", "style_text"))
+        )
         if split == "train"
         for t in row
     ]
@@ -60,8 +62,13 @@ def ensure_text_encoder(cfg: ExperimentConfig) -> Path:
         tmp = out.parent / f".{out.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         build_text_encoder(
-            words, tmp, hidden=text.encoder_hidden, layers=text.encoder_layers, heads=text.encoder_heads,
-            seed=cfg.seed, max_position=max(text.max_length, 64),
+            words,
+            tmp,
+            hidden=text.encoder_hidden,
+            layers=text.encoder_layers,
+            heads=text.encoder_heads,
+            seed=cfg.seed,
+            max_position=max(text.max_length, 64),
         )
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -69,10 +76,16 @@ def ensure_text_encoder(cfg: ExperimentConfig) -> Path:
 
 
 def _parts_from(directory: Path) -> dict[str, Path]:
-    return {p: directory / p for p in ("visual", "text", "generator") if (directory / p / "manifest.json").is_file()}
+    return {
+        p: directory / p
+        for p in ("visual", "text", "generator")
+        if (directory / p / "manifest.json").is_file()
+    }
 
 
-def train_experiment(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False) -> TrainSummary:
+def train_experiment(
+    cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False
+) -> TrainSummary:
     """Run ``cfg.train.stages`` and return the assembled model version.
 
     Args:
@@ -88,7 +101,9 @@ def train_experiment(cfg: ExperimentConfig, *, address: str | None = None, fresh
     cfg.check_trainable()
     if address or cfg.train.scaling.num_workers > 0:
         connect(address)  # an unreachable cluster fails here, before any work
-    prepare_records(cfg, address=address)  # reuses existing records; connects to Ray only when it must build them
+    prepare_records(
+        cfg, address=address
+    )  # reuses existing records; connects to Ray only when it must build them
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     parts: dict[str, Path] = {}
     if cfg.train.init_from:
@@ -97,7 +112,9 @@ def train_experiment(cfg: ExperimentConfig, *, address: str | None = None, fresh
             raise FileNotFoundError(f"train.init_from {cfg.train.init_from} is not a model version directory")
         parts.update(_parts_from(base))
     parts["text_encoder"] = ensure_text_encoder(cfg)
-    job_key = hashlib.sha256(cfg.model_dump_json(exclude={"train": {"scaling"}, "tracking": True}).encode()).hexdigest()[:12]
+    job_key = hashlib.sha256(
+        cfg.model_dump_json(exclude={"train": {"scaling"}, "tracking": True}).encode()
+    ).hexdigest()[:12]
     parent = None
     if tracker is not None:
         parent = tracker.run(key=f"{cfg.name}-job-{job_key}", name=f"{cfg.name}-train", tags={"job": "train"})
@@ -115,8 +132,10 @@ def train_experiment(cfg: ExperimentConfig, *, address: str | None = None, fresh
     missing = [p for p in ("visual", "text", "generator") if p not in parts]
     if missing:
         raise FileNotFoundError(f"No {', '.join(missing)} part: run those stages or set train.init_from")
-    version = hashlib.sha256("|".join(r.run_name for r in results).encode() + str(sorted(
-        (k, str(v)) for k, v in parts.items())).encode()).hexdigest()[:12]
+    version = hashlib.sha256(
+        "|".join(r.run_name for r in results).encode()
+        + str(sorted((k, str(v)) for k, v in parts.items())).encode()
+    ).hexdigest()[:12]
     version_dir = cfg.root / "models" / cfg.name / version
     if not (version_dir / "manifest.json").is_file():
         tmp = version_dir.parent / f".{version}.tmp"
@@ -133,6 +152,8 @@ def train_experiment(cfg: ExperimentConfig, *, address: str | None = None, fresh
         logged = {a.path for a in client.list_artifacts(parent)}
         if "model_version" not in logged:
             tracker.log_artifacts(parent, version_dir, "model_version")
-        summary.registered = f"{tracker.model_name} v{tracker.register(parent, 'model_version')} @{cfg.tracking.alias}"
+        summary.registered = (
+            f"{tracker.model_name} v{tracker.register(parent, 'model_version')} @{cfg.tracking.alias}"
+        )
         tracker.finish(parent)
     return summary

@@ -57,13 +57,17 @@ def dir_fingerprint(directory: Path) -> str:
     manifest = directory / "manifest.json"
     if manifest.is_file():
         return _hash(manifest.read_text())
-    return _hash(sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
+    return _hash(
+        sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file())
+    )
 
 
 def stage_identity(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     """Everything that determines a stage's result: data, model, the stage's optimisation, the seed."""
     train = cfg.train.model_dump(mode="json")
-    stage_cfg = {k: v for k, v in train[stage].items() if k not in ("log_every", "fail_at_step", "sample_every")}
+    stage_cfg = {
+        k: v for k, v in train[stage].items() if k not in ("log_every", "fail_at_step", "sample_every")
+    }
     return {
         "data": cfg.data.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
@@ -123,12 +127,16 @@ def run_stage(
     mlflow_run = None
     if tracker is not None:
         mlflow_run = tracker.run(
-            key=name, name=f"{stage}", parent_id=parent_run_id,
+            key=name,
+            name=f"{stage}",
+            parent_id=parent_run_id,
             tags={"stage": stage, "config_hash": _hash(stage_identity(cfg, stage))},
         )
     if done_file.is_file():
         done = json.loads(done_file.read_text())
-        print(f"[{stage}] finished earlier as run {name}; nothing to train (use --fresh to retrain)", flush=True)
+        print(
+            f"[{stage}] finished earlier as run {name}; nothing to train (use --fresh to retrain)", flush=True
+        )
         return StageResult(stage, name, export_dir, False, done.get("metrics", {}), mlflow_run)
 
     if tracker is not None:
@@ -149,7 +157,9 @@ def run_stage(
         stage_worker,
         train_loop_config={"spec": json.dumps(spec)},
         scaling_config=ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources,
             placement_strategy=sc.placement_strategy,
         ),
         run_config=RunConfig(
@@ -178,9 +188,9 @@ def stage_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (in-process when ``num_workers=0``)."""
     import torch
 
+    from vgmedgen.platform.tracking import MetricsSink
     from vgmedgen.platform.training.loop import TrainContext, train_loop
     from vgmedgen.platform.training.stages import build_task
-    from vgmedgen.platform.tracking import MetricsSink
 
     spec = json.loads(config["spec"])
     cfg = ExperimentConfig.model_validate(spec["experiment"])
@@ -195,12 +205,20 @@ def stage_worker(config: dict[str, Any]) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     stage = spec["stage"]
-    task = build_task(stage, cfg, {k: Path(v) for k, v in spec["inputs"].items()}, device, ctx.rank, ctx.world)
+    task = build_task(
+        stage, cfg, {k: Path(v) for k, v in spec["inputs"].items()}, device, ctx.rank, ctx.world
+    )
     sink = None
     if spec["tracking"] and ctx.rank == 0:
         sink = MetricsSink(spec["tracking"]["uri"], spec["tracking"]["run_id"])
     export_dir = Path(spec["export_dir"])
     train_loop(
-        task, getattr(cfg.train, stage), cfg.seed, ctx, device,
-        metrics_sink=sink, export_dir=export_dir, fault_marker=Path(spec["fault_marker"]),
+        task,
+        getattr(cfg.train, stage),
+        cfg.seed,
+        ctx,
+        device,
+        metrics_sink=sink,
+        export_dir=export_dir,
+        fault_marker=Path(spec["fault_marker"]),
     )

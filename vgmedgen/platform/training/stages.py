@@ -70,7 +70,9 @@ class _Base:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def wrap_for_ddp(self, prepare: Any) -> None:
-        self.loss_module = prepare(self.loss_module, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.loss_module = prepare(
+            self.loss_module, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
 
     def train_size(self) -> int:
         return len(self.train_data)
@@ -112,7 +114,9 @@ class VisualTask(_Base):
     def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
         self.module = _seeded(cfg.seed, lambda: VisualDisentangler(cfg.model.visual)).to(device).train()
-        self.loss_module = _LossModule(self.module, lambda m, b, g: m.losses(b["image"], b["mask"], g, has_mask=b["has_mask"]))
+        self.loss_module = _LossModule(
+            self.module, lambda m, b, g: m.losses(b["image"], b["mask"], g, has_mask=b["has_mask"])
+        )
 
     def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         terms = self.loss_module(batch, generator)
@@ -145,7 +149,9 @@ class AlignTask(_Base):
         super().__init__(cfg, device)
         self.visual = load_visual(inputs["visual"], cfg.model.visual).to(device).eval().requires_grad_(False)
         encoder_dir = cfg.model.text.encoder_dir or inputs["text_encoder"]
-        self.module = _seeded(cfg.seed + 1, lambda: TextDisentangler.from_config(cfg.model.text, encoder_dir)).to(device)
+        self.module = _seeded(
+            cfg.seed + 1, lambda: TextDisentangler.from_config(cfg.model.text, encoder_dir)
+        ).to(device)
         self.module.train()
         self.loss_module = _LossModule(
             self.module,
@@ -176,7 +182,9 @@ class AlignTask(_Base):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
         if unexpected or any(not self._frozen_key(k) for k in missing):
-            raise RuntimeError(f"align checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"align checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     def _frozen_key(self, key: str) -> bool:
         return key.startswith("encoder.") and self.cfg.model.text.frozen
@@ -194,7 +202,9 @@ class DitTask(_Base):
         super().__init__(cfg, device)
         self.visual = load_visual(inputs["visual"], cfg.model.visual).to(device).eval().requires_grad_(False)
         self.text = load_text(inputs["text"], cfg.model.text).to(device).eval().requires_grad_(False)
-        self.module: Generator = _seeded(cfg.seed + 2, lambda: build_generator(cfg.model.generator)).to(device)
+        self.module: Generator = _seeded(cfg.seed + 2, lambda: build_generator(cfg.model.generator)).to(
+            device
+        )
         self.module.train()
         self.ema = EMA(self.module, cfg.model.generator.ema_decay).to(device)
         self.step = 0
@@ -204,14 +214,27 @@ class DitTask(_Base):
         with torch.no_grad():
             prior_a, prior_s = self.visual.priors(batch["image"])
             out = self.text(batch["caption"])
-        return {"prior_a": prior_a, "prior_s": prior_s, "t_a": out.t_a, "t_s": out.t_s,
-                "text_tokens": out.token_embeds, "text_mask": out.attention_mask}
+        return {
+            "prior_a": prior_a,
+            "prior_s": prior_s,
+            "t_a": out.t_a,
+            "t_s": out.t_s,
+            "text_tokens": out.token_embeds,
+            "text_mask": out.attention_mask,
+        }
 
     @staticmethod
     def _terms(model: Generator, images, c, generator, step) -> dict[str, torch.Tensor]:
         return model.training_loss(
-            images, c["t_a"], c["t_s"], c["prior_a"], c["prior_s"],
-            text_tokens=c["text_tokens"], text_mask=c["text_mask"], generator=generator, step=step,
+            images,
+            c["t_a"],
+            c["t_s"],
+            c["prior_a"],
+            c["prior_s"],
+            text_tokens=c["text_tokens"],
+            text_mask=c["text_mask"],
+            generator=generator,
+            step=step,
         )
 
     def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -242,8 +265,11 @@ class DitTask(_Base):
 
     def state_dict(self) -> dict[str, Any]:
         trained = {n for n, _ in self.module.named_trainable_parameters()}
-        return {"model": {k: v for k, v in self.module.state_dict().items() if k in trained},
-                "ema": self.ema.state_dict(), "step": self.step}
+        return {
+            "model": {k: v for k, v in self.module.state_dict().items() if k in trained},
+            "ema": self.ema.state_dict(),
+            "step": self.step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
@@ -273,7 +299,9 @@ class DitTask(_Base):
         return [grid, save_grid(images, directory / f"samples_step{step:06d}.png", ncol=k)]
 
 
-def build_task(stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device, rank: int, world: int):
+def build_task(
+    stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device, rank: int, world: int
+):
     """The task of ``stage`` on this worker."""
     if stage == "visual":
         return VisualTask(cfg, device)

@@ -1,0 +1,131 @@
+"""Training throughput of the `demo` preset's dit stage: Ray Train (1 worker) vs the same loop in-process.
+
+    python benchmarks/train_throughput.py [--steps 30 --batch 32 --threads 2]
+
+Both runs use the same thread count (Ray sets a worker's threads from its CPUs, so the worker gets
+--threads CPUs and the in-process run torch.set_num_threads(--threads)). Samples/s is measured inside
+the loop (excluding start-up). Prints the ratio Ray/in-process (target >= 0.95), peak RSS of each,
+and the achieved FLOP/s of a training step against a large fp32 matmul measured in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def matmul_flops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def step_flops(cfg, batch: int) -> float:
+    """FLOPs of one dit forward+backward at this batch size (torch's FLOP counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vgmedgen.model.generator import build_generator
+
+    gen = build_generator(cfg.model.generator)
+    size = cfg.model.image_size
+    a_dim, s_dim = cfg.model.text.anatomy_dim, cfg.model.text.style_dim
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, size, size) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        terms = gen.training_loss(images, torch.randn(batch, a_dim), torch.randn(batch, s_dim), generator=g)
+        gen.reduce_loss(terms).backward()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--records", type=int, default=512)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from vgmedgen.platform.config import load_experiment
+    from vgmedgen.platform.prepare import prepare_records
+    from vgmedgen.platform.training.pipeline import ensure_text_encoder
+    from vgmedgen.platform.training.runner import run_stage
+
+    root = Path(tempfile.mkdtemp(prefix="vgmedgen-bench-"))
+    common = [
+        f"output_root={root}",
+        f"data.synthderm.num_records={args.records}",
+        "tracking.enabled=false",
+        "train.visual.steps=2",
+        "train.align.steps=2",
+        "train.visual.batch_size=8",
+        "train.align.batch_size=8",
+        f"train.dit.steps={args.steps}",
+        f"train.dit.batch_size={args.batch}",
+        f"train.dit.checkpoint_every={args.steps}",
+        f"train.dit.val_every={args.steps}",
+        f"train.dit.log_every={args.steps}",
+        "train.dit.sample_every=0",
+        f"train.scaling.cpus_per_worker={args.threads}",
+    ]
+    ray.init(num_cpus=max(args.threads, 2), include_dashboard=False, log_to_driver=False)
+    base = load_experiment(REPO / "configs/demo.yaml", [*common, "train.scaling.num_workers=0"])
+    prepare_records(base)
+    torch.set_num_threads(args.threads)
+    parts = {"text_encoder": ensure_text_encoder(base)}
+    parts["visual"] = run_stage(base, "visual", {}).export_dir
+    parts["text"] = run_stage(
+        base, "align", {"visual": parts["visual"], "text_encoder": parts["text_encoder"]}
+    ).export_dir
+    inputs = {"visual": parts["visual"], "text": parts["text"]}
+
+    results = {}
+    for name, workers, seed in (("in-process", 0, 1), ("ray-1-worker", 1, 2)):
+        cfg = load_experiment(
+            REPO / "configs/demo.yaml", [*common, f"train.scaling.num_workers={workers}", f"seed={seed}"]
+        )
+        t0 = time.perf_counter()
+        res = run_stage(cfg, "dit", inputs)
+        results[name] = (
+            res.metrics["dit/samples_per_s"],
+            res.metrics["dit/peak_rss_mb"],
+            time.perf_counter() - t0,
+        )
+
+    flops = step_flops(base, args.batch)
+    mm = matmul_flops(args.threads)
+    sps_local, rss_local, wall_local = results["in-process"]
+    sps_ray, rss_ray, wall_ray = results["ray-1-worker"]
+    print(f"\ndemo dit stage, batch {args.batch}, {args.steps} steps, {args.threads} threads each")
+    print(f"{'run':<14} {'samples/s':>10} {'peak RSS MB':>12} {'wall s':>8}")
+    for name, (sps, rss, wall) in results.items():
+        print(f"{name:<14} {sps:>10.1f} {rss:>12.0f} {wall:>8.1f}")
+    print(f"ratio ray/in-process: {sps_ray / sps_local:.3f} (target >= 0.95)")
+    achieved = flops / args.batch * sps_local
+    print(
+        f"training FLOP/s (in-process): {achieved / 1e9:.2f} GFLOP/s; large fp32 matmul: {mm / 1e9:.1f} GFLOP/s "
+        f"({achieved / mm:.1%} of it)"
+    )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
