@@ -122,6 +122,22 @@ def test_empty_mask_counts_as_disagreement():
         measure_images(images, torch.zeros(3, 1, 8, 8))
 
 
+def test_colour_comes_from_the_confident_core_of_a_soft_mask():
+    images = torch.zeros(1, 3, 8, 8)
+    images[0, 0] = 1.0  # red everywhere...
+    images[0, :, 3:5, 3:5] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)  # ...but a blue core
+    masks = torch.zeros(1, 1, 8, 8)
+    masks[0, 0, 2:6, 2:6] = 0.6  # a soft rim of skin
+    masks[0, 0, 3:5, 3:5] = 0.95
+    whole, core = measure_images(images, masks)[0], measure_images(images, masks, core_threshold=0.9)[0]
+    assert whole.area_fraction == core.area_fraction == pytest.approx(16 / 64)
+    assert core.mean_rgb == pytest.approx((0.0, 0.0, 255.0))
+    assert whole.mean_rgb == pytest.approx((255 * 12 / 16, 0.0, 255 * 4 / 16))
+    # No confident pixel: the whole lesion gives the colour.
+    fallback = measure_images(images, masks.clamp(max=0.6), core_threshold=0.9)[0]
+    assert fallback.mean_rgb == pytest.approx(whole.mean_rgb)
+
+
 def _measurement(size: str, position: str, rgb: tuple[float, float, float]) -> ImageMeasurement:
     return ImageMeasurement(0.1, (0.5, 0.5), rgb, size, position)
 

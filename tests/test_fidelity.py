@@ -122,6 +122,15 @@ def test_fid_kid_equal_torch_fidelity_calculate_metrics(inception_weights: Path)
     assert kid.mean > 1e-3
 
 
+def test_fidelity_config_validates() -> None:
+    from vgmedgen.model.configbase import build_config
+
+    with pytest.raises(ConfigError, match="reservoir_size"):
+        build_config(fidelity.FidelityConfig, {"reservoir_size": 100, "kid_subset_size": 1000})
+    with pytest.raises(ConfigError, match="fid"):
+        build_config(fidelity.FidelityConfig, {"fid": "maybe"})
+
+
 def test_missing_inception_weights_message(tmp_path: Path) -> None:
     cfg = fidelity.FidelityConfig(fid="required")
     with pytest.raises(MetricsError) as info:
@@ -132,7 +141,7 @@ def test_missing_inception_weights_message(tmp_path: Path) -> None:
         "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
         in message
     )
-    assert "fid=auto" in message
+    assert "`evaluate.fidelity.fid=auto`" in message
 
     missing = tmp_path / "nope.pth"
     optional = fidelity.FidelityConfig(feature_extractor_weights_path=missing)

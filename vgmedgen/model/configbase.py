@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "StrictConfig", "build_config", "choose_preset"]
+__all__ = ["ConfigError", "StrictConfig", "build_config", "choose_preset", "deep_merge"]
 
 T = TypeVar("T", bound="StrictConfig")
 
@@ -89,3 +89,11 @@ def choose_preset(registry: Mapping[str, Any], name: str, what: str) -> Any:
             f"Unknown {what} preset '{name}'.{did_you_mean} Valid presets: {', '.join(sorted(registry))}"
         )
     return registry[name]
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, recursively for nested mappings (neither is modified)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vgmedgen.model.autoencoder import FrozenAutoencoder, resolve_component_dir
-from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config, choose_preset
+from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config, choose_preset, deep_merge
 from vgmedgen.model.diffusion_losses import (
     add_noise,
     colour_distribution_loss,
@@ -333,12 +333,6 @@ GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
 
 def build_generator_config(preset: str, overrides: Mapping[str, Any] | None = None) -> GeneratorConfig:
     """A preset from :data:`GENERATOR_PRESETS`, deep-merged with ``overrides``, validated.
@@ -352,7 +346,7 @@ def build_generator_config(preset: str, overrides: Mapping[str, Any] | None = No
     """
     base = choose_preset(GENERATOR_PRESETS, preset, "generator")
     return build_config(
-        GeneratorConfig, _deep_merge(base, overrides or {}), where=f"generator preset '{preset}'"
+        GeneratorConfig, deep_merge(base, overrides or {}), where=f"generator preset '{preset}'"
     )
 
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vgmedgen.model.configbase import ConfigError, StrictConfig
+from vgmedgen.model.configbase import ConfigError, StrictConfig, deep_merge
 from vgmedgen.model.ema import EMA
 from vgmedgen.model.generator import GENERATOR_PRESETS, Generator, GeneratorConfig, build_generator
 from vgmedgen.model.sampler import SamplerConfig, sample
@@ -60,12 +60,6 @@ PRESET_NAMES = ("tiny", "demo", "pixart-512")
 class ModelVersionError(FileNotFoundError):
     """A model version (or one of its parts) is missing, altered or does not fit its config."""
 
-
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
 
 
 def _preset_dicts(name: str) -> dict[str, Any]:
@@ -121,7 +115,7 @@ class ModelConfig(StrictConfig):
             if not isinstance(given, Mapping):
                 return data  # let field validation report the wrong type
             user[part] = dict(given)
-            out[part] = _deep_merge(base[part], given)
+            out[part] = deep_merge(base[part], given)
         try:
             vis = VisualConfig.model_validate(out["visual"])
             text_width = TextConfig.model_validate(out["text"]).encoder_hidden

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
@@ -122,6 +122,15 @@ class FidelityConfig(StrictConfig):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @model_validator(mode="after")
+    def _reservoir_holds_a_subset(self) -> FidelityConfig:
+        if self.reservoir_size < self.kid_subset_size:
+            raise ValueError(
+                f"reservoir_size ({self.reservoir_size}) must be >= kid_subset_size ({self.kid_subset_size}): "
+                "kernel distances draw their subsets from the reservoir"
+            )
+        return self
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto``/None -> cuda when available, else cpu."""
@@ -149,12 +158,13 @@ def inception_available(cfg: FidelityConfig) -> bool:
 def _missing_weights_message(cfg: FidelityConfig, field_path: str) -> str:
     path = cfg.feature_extractor_weights_path
     problem = "is not set" if path is None else f"points to {path}, which does not exist"
+    fid_field = field_path.rsplit(".", 1)[0] + ".fid" if "." in field_path else "fid"
     return (
         f"FID/KID need torch-fidelity's Inception-v3 weights ('{INCEPTION_EXTRACTOR_NAME}'), but `{field_path}` "
         f"{problem}. torch-fidelity downloads them from {URL_INCEPTION_V3} (its URL_INCEPTION_V3); this platform "
         f"never downloads at run time. Fetch that file ({INCEPTION_WEIGHTS_FILE}) on a machine with internet "
-        f"access, copy it here and pass `{field_path}=/abs/path/{INCEPTION_WEIGHTS_FILE}`; or set fid=auto to "
-        "skip FID/KID with a warning and rely on the domain distances."
+        f"access, copy it here and pass `{field_path}=/abs/path/{INCEPTION_WEIGHTS_FILE}`; or set "
+        f"`{fid_field}=auto` to skip FID/KID with a warning and rely on the domain distances."
     )
 
 

@@ -95,9 +95,12 @@ class FeatureStats:
             raise MetricsError(f"FeatureStats needs a positive feature width, got dim={dim}")
         self.dim = int(dim)
         self.count = 0
-        self._shift: torch.Tensor | None = None  # (D,) c, set by the first batch
-        self._s1 = torch.zeros(self.dim, dtype=torch.float64)  # (D,)
-        self._s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64)  # (D, D)
+        # Allocated by the first batch: an empty shard costs nothing (the (D, D) sum is 32 MB at D=2048).
+        # numpy owns the arrays (torch's allocator is several times slower for 32 MB blocks here);
+        # torch only runs the in-place product on a view of the same memory.
+        self._shift: np.ndarray | None = None  # (D,) c
+        self._s1: np.ndarray | None = None  # (D,)
+        self._s2: np.ndarray | None = None  # (D, D)
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
@@ -109,37 +112,43 @@ class FeatureStats:
 
     @classmethod
     def _from_moments(cls, count: int, mean: np.ndarray, m2: np.ndarray) -> FeatureStats:
+        """Take ownership of (mean, m2) arrays (no copy): shift = mean, so s1 = 0."""
         out = cls(mean.shape[0])
         if count:
-            out.count = int(count)
-            out._shift = torch.from_numpy(np.array(mean, dtype=np.float64))
-            out._s2 = torch.from_numpy(np.array(m2, dtype=np.float64))
+            out.count, out._shift, out._s2 = int(count), mean, m2
+            out._s1 = np.zeros_like(mean)
         return out
 
     def update(self, features: Any) -> FeatureStats:
         """Add a batch of feature rows (N, D) (numpy or torch, any float dtype); returns self."""
-        x = torch.from_numpy(_as_float64_2d(features))  # (N, D)
+        x = _as_float64_2d(features)  # (N, D)
         if x.shape[1] != self.dim:
             raise MetricsError(
                 f"feature width {x.shape[1]} does not match these statistics' width {self.dim}"
             )
         if x.shape[0] == 0:
             return self
-        if self._shift is None:
-            self._shift = x.mean(dim=0)
-        centred = x - self._shift  # (N, D)
-        self._s1 += centred.sum(dim=0)
-        self._s2.addmm_(centred.T, centred)  # in place: no (D, D) temporary per batch
+        if self._shift is None or self._s1 is None or self._s2 is None:
+            self._shift = x.mean(axis=0)
+            self._s1 = np.zeros(self.dim)
+            self._s2 = np.zeros((self.dim, self.dim))
+        centred = torch.from_numpy(x - self._shift)  # (N, D)
+        self._s1 += centred.sum(dim=0).numpy()
+        torch.from_numpy(self._s2).addmm_(centred.T, centred)  # in place: no (D, D) temporary per batch
         self.count += x.shape[0]
         return self
 
     def _moments(self) -> tuple[int, np.ndarray, np.ndarray]:
-        """(count, mean (D,), centred m2 (D, D)) as float64 numpy arrays."""
-        if self.count == 0 or self._shift is None:
+        """(count, mean (D,), centred m2 (D, D)) in float64; m2 may alias the internal sum: do not modify it."""
+        if self.count == 0 or self._shift is None or self._s1 is None or self._s2 is None:
             return 0, np.zeros(self.dim), np.zeros((self.dim, self.dim))
-        d = (self._s1 / self.count).numpy()  # (D,) mean minus shift: small
-        mean = self._shift.numpy() + d
-        m2 = self._s2.numpy() - np.outer(d, d) * self.count
+        d = self._s1 / self.count  # (D,) mean minus shift: small
+        mean = self._shift + d
+        if not np.any(d):  # merged or rebuilt statistics: the shift is the mean already
+            return self.count, mean, self._s2
+        m2 = np.outer(d, d)  # the one (D, D) allocation
+        m2 *= -self.count
+        m2 += self._s2
         return self.count, mean, m2
 
     def merge(self, other: FeatureStats) -> FeatureStats:
@@ -150,14 +159,17 @@ class FeatureStats:
             raise MetricsError(
                 f"cannot merge statistics of width {self.dim} and {other.dim}: different extractors?"
             )
+        if self.count == 0 or other.count == 0:
+            return (other if self.count == 0 else self).copy()
         n_a, mean_a, m2_a = self._moments()
         n_b, mean_b, m2_b = other._moments()
-        if n_a == 0 or n_b == 0:
-            return FeatureStats._from_moments(*((n_b, mean_b, m2_b) if n_a == 0 else (n_a, mean_a, m2_a)))
         n = n_a + n_b
         delta = mean_b - mean_a  # (D,)
         mean = mean_a + delta * (n_b / n)
-        m2 = m2_a + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        m2 = np.outer(delta, delta)  # the one (D, D) allocation; the rest in place
+        m2 *= n_a * n_b / n
+        m2 += m2_a
+        m2 += m2_b
         return FeatureStats._from_moments(n, mean, m2)
 
     __add__ = merge
@@ -174,7 +186,10 @@ class FeatureStats:
         return out
 
     def copy(self) -> FeatureStats:
-        return FeatureStats._from_moments(*self._moments()) if self.count else FeatureStats(self.dim)
+        if self.count == 0:
+            return FeatureStats(self.dim)
+        count, mean, m2 = self._moments()
+        return FeatureStats._from_moments(count, mean.copy(), m2.copy())
 
     # -- reading ------------------------------------------------------------------------------
     @property
@@ -182,7 +197,7 @@ class FeatureStats:
         """The mean feature (D,), float64."""
         if self.count == 0:
             raise MetricsError("the mean of an empty feature set is undefined: no rows were added")
-        return self._moments()[1]
+        return self._moments()[1].copy()
 
     @property
     def cov(self) -> np.ndarray:
@@ -195,7 +210,11 @@ class FeatureStats:
     def to_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays (count, mean, centred m2) for transport across Ray tasks or ``np.savez``."""
         count, mean, m2 = self._moments()
-        return {"count": np.asarray(count, dtype=np.int64), "mean": mean, "m2": m2}
+        return {
+            "count": np.asarray(count, dtype=np.int64),
+            "mean": mean.copy(),
+            "m2": m2.copy(),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureStats:
@@ -210,7 +229,7 @@ class FeatureStats:
             raise MetricsError(
                 f"inconsistent FeatureStats dict: mean {mean.shape}, m2 {m2.shape}, count {count}"
             )
-        return cls._from_moments(count, mean, m2)
+        return cls._from_moments(count, mean.copy(), m2.copy())
 
     def __repr__(self) -> str:
         return f"FeatureStats(dim={self.dim}, count={self.count})"
