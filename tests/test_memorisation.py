@@ -17,7 +17,7 @@ from vgmedgen.platform.metrics import (
     count_memorised,
     distance_rows,
     markdown_report,
-    memorisation,
+    memorisation_share,
     memorisation_threshold,
     nearest_distances,
     write_report,
@@ -42,7 +42,7 @@ def _brute_force(q: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 def test_copies_are_flagged_and_far_points_are_not() -> None:
     train, test, generated = _sets()
-    result, gen_nn, test_nn = memorisation(generated, train, test, percentile=5.0)
+    result, gen_nn, test_nn = memorisation_share(generated, train, test, percentile=5.0)
     assert result.flagged == 10 and result.generated == 20 and result.share == pytest.approx(0.5)
     assert np.all(gen_nn[:10] < 1e-5) and np.all(gen_nn[10:] > 40.0)
     assert result.threshold == pytest.approx(np.percentile(_brute_force(test, train), 5.0), rel=1e-12)
@@ -56,7 +56,7 @@ def test_fresh_samples_are_flagged_at_about_the_percentile_rate() -> None:
     train = rng.normal(size=(400, DIM))
     test = rng.normal(size=(400, DIM))
     fresh = rng.normal(size=(2000, DIM))
-    result, _, _ = memorisation(fresh, train, test, percentile=5.0)
+    result, _, _ = memorisation_share(fresh, train, test, percentile=5.0)
     assert 0.02 < result.share < 0.09  # a generaliser is flagged about as often as real test data
 
 
@@ -80,7 +80,7 @@ def test_cosine_metric_ignores_scale() -> None:
     np.testing.assert_allclose(
         nearest_distances(test, train, metric="cosine", chunk_size=13), expected, atol=1e-12
     )
-    result, _, _ = memorisation(scaled_copies, train, test, metric="cosine")
+    result, _, _ = memorisation_share(scaled_copies, train, test, metric="cosine")
     assert result.flagged == 5 and result.metric == "cosine"
 
 
@@ -88,7 +88,7 @@ def test_sharded_counts_sum_to_the_whole() -> None:
     train, test, generated = _sets(seed=4)
     threshold, _ = memorisation_threshold(test, train)
     total = sum(count_memorised(part, train, threshold)[0] for part in np.array_split(generated, 3))
-    assert total == memorisation(generated, train, test)[0].flagged == 10
+    assert total == memorisation_share(generated, train, test)[0].flagged == 10
 
 
 def test_memorisation_input_errors_and_leakage_warning() -> None:
@@ -107,7 +107,7 @@ def test_memorisation_input_errors_and_leakage_warning() -> None:
 
 def test_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     train, test, generated = _sets(seed=6)
-    result, gen_nn, test_nn = memorisation(generated, train, test)
+    result, gen_nn, test_nn = memorisation_share(generated, train, test)
     report = EvaluationReport(
         title="tiny evaluation",
         dataset="synthderm",

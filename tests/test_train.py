@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.vgmedgen import VGMedGen
 from vgmedgen.platform.cluster import ClusterError, probe_address
 from vgmedgen.platform.config import load_experiment
@@ -65,6 +67,12 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
             f"export/{ {'visual': 'visual', 'align': 'text', 'dit': 'generator'}[stage] }"
         ]
     assert "visual/val_dice" in children["visual"].data.metrics
+    # checkpoints are ranked by the validation metric; the best is recorded with the run
+    best = json.loads((cfg.root / "runs" / summary.stages[0].run_name / "DONE.json").read_text())[
+        "best_checkpoint"
+    ]
+    assert best["visual/val_dice"] is not None and Path(best["path"]).is_dir()
+    assert "visual/val_dice" in children["visual"].data.tags["best_checkpoint"]
     assert "align/val_cos_anatomy" in children["align"].data.metrics
     assert "dit/val_loss" in children["dit"].data.metrics
     samples = [a.path for a in client.list_artifacts(children["dit"].info.run_id, "samples")]
@@ -146,3 +154,21 @@ def test_missing_dataset_is_a_clear_error(output_root: Path, tmp_path: Path):
     )
     with pytest.raises(DatasetError, match="no_busi_here"):
         train_experiment(cfg, address=None)
+
+
+def test_ray_data_ingest_streams_shards_to_workers(ray_cluster, output_root: Path):
+    cfg = _cfg(output_root, "train.stages=[visual]", "train.ingest=ray_data", "train.visual.steps=3")
+    prepare_records(cfg)
+    # two workers x 1 CPU hold both CPUs of the test cluster: Ray Data would starve, so it is refused clearly
+    with pytest.raises(ConfigError, match="needs CPUs left for Ray Data"):
+        run_stage(cfg, "visual", {})
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(
+                update={"scaling": cfg.train.scaling.model_copy(update={"num_workers": 1})}
+            )
+        }
+    )
+    res = run_stage(cfg, "visual", {})
+    assert res.trained and (res.export_dir / "model.safetensors").is_file()
+    assert res.metrics["step"] == 2 and res.metrics["visual/samples_per_s"] > 0

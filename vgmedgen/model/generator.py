@@ -333,7 +333,6 @@ GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-
 def build_generator_config(preset: str, overrides: Mapping[str, Any] | None = None) -> GeneratorConfig:
     """A preset from :data:`GENERATOR_PRESETS`, deep-merged with ``overrides``, validated.
 

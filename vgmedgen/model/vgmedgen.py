@@ -61,7 +61,6 @@ class ModelVersionError(FileNotFoundError):
     """A model version (or one of its parts) is missing, altered or does not fit its config."""
 
 
-
 def _preset_dicts(name: str) -> dict[str, Any]:
     return {
         "visual": VISUAL_PRESETS[name].model_dump(mode="python", exclude_unset=False),

@@ -8,7 +8,7 @@ torch-fidelity extractors (it imports torch-fidelity and torchvision, so it is i
 from vgmedgen.platform.metrics.memorisation import (
     MemorisationResult,
     count_memorised,
-    memorisation,
+    memorisation_share,
     memorisation_threshold,
     nearest_distances,
 )
@@ -46,7 +46,7 @@ __all__ = [
     "frechet_distance",
     "kernel_distance",
     "markdown_report",
-    "memorisation",
+    "memorisation_share",
     "memorisation_threshold",
     "nearest_distances",
     "relative_difference",

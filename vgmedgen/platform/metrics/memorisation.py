@@ -29,7 +29,7 @@ from vgmedgen.platform.metrics.stats import MetricsError
 __all__ = [
     "MemorisationResult",
     "count_memorised",
-    "memorisation",
+    "memorisation_share",
     "memorisation_threshold",
     "nearest_distances",
 ]
@@ -160,7 +160,7 @@ class MemorisationResult:
         return asdict(self)
 
 
-def memorisation(
+def memorisation_share(
     generated_features: Any,
     train_features: Any,
     test_features: Any,

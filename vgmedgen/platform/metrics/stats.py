@@ -32,6 +32,8 @@ __all__ = [
     "SmallSampleWarning",
     "frechet_distance",
     "kernel_distance",
+    "relative_difference",
+    "row_keys",
 ]
 
 

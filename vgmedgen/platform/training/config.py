@@ -11,6 +11,8 @@ from vgmedgen.model.configbase import StrictConfig
 __all__ = ["STAGES", "ScalingOptions", "StageTrainConfig", "TrainConfig"]
 
 STAGES = ("visual", "align", "dit")
+# The validation metric (``<stage>/val_<name>``) that ranks each stage's checkpoints, and its better direction.
+STAGE_SCORES = {"visual": ("dice", "max"), "align": ("cos", "max"), "dit": ("loss", "min")}
 Stage = Literal["visual", "align", "dit"]
 
 
@@ -67,6 +69,12 @@ class TrainConfig(StrictConfig):
     """Which stages run, on what resources, and each stage's optimisation."""
 
     stages: tuple[Stage, ...] = STAGES
+    ingest: Literal["memory", "ray_data"] = Field(
+        "memory",
+        description="memory: each worker decodes the split once and draws batches that are a pure function of "
+        "(seed, step, rank), best for datasets that fit in RAM (and on small boxes, where Ray Data ingestion "
+        "starves when workers hold every CPU); ray_data: stream each worker's shard through Ray Data, for large datasets.",
+    )
     init_from: str | None = Field(
         None, description="A model version directory or registry alias providing the stages that are not run."
     )

@@ -16,7 +16,7 @@ import torch
 
 from vgmedgen.platform.records import decode_png, read_records
 
-__all__ = ["RecordArrays", "batch_indices", "step_generator"]
+__all__ = ["RecordArrays", "StreamBatches", "batch_indices", "decode_record_batch", "step_generator"]
 
 
 @dataclass
@@ -101,3 +101,65 @@ def step_generator(
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.default_rng([seed, micro_step, rank, 7]).integers(0, 2**62)))
     return g
+
+
+def decode_record_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: record rows (PNG bytes) -> arrays a worker turns into tensors."""
+    images = np.stack([decode_png(b) for b in batch["image"]])  # (N, H, W, 3) uint8
+    h, w = images.shape[1:3]
+    masks = np.zeros((len(images), h, w), np.uint8)
+    has = np.zeros(len(images), bool)
+    for i, blob in enumerate(batch["mask"]):
+        if blob is not None:
+            masks[i] = decode_png(blob, "L")
+            has[i] = True
+    out = {"image": images, "mask": masks, "has_mask": has}
+    for name in ("caption", "anatomy_text", "style_text", "label"):
+        out[name] = np.asarray(batch[name], dtype=object)
+    return out
+
+
+def _tensors(batch: dict[str, np.ndarray], device: torch.device | str) -> dict:
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        .permute(0, 3, 1, 2)
+        .float()
+        .div(127.5)
+        .sub(1.0)
+        .to(device),
+        "mask": torch.from_numpy(batch["mask"] > 127).float().unsqueeze(1).to(device),  # (N, 1, H, W)
+        "has_mask": torch.from_numpy(np.asarray(batch["has_mask"], bool)).to(device),
+        **{k: [str(t) for t in batch[k]] for k in ("caption", "anatomy_text", "style_text", "label")},
+    }
+
+
+class StreamBatches:
+    """Batches from this worker's Ray Data shard (``train.ingest=ray_data``), epoch after epoch.
+
+    For datasets too large to hold in every worker. Batches follow Ray Data's order with a seeded
+    local shuffle per epoch; unlike the in-memory path they are not a pure function of the step, so
+    a resumed run restarts its epoch rather than replaying the exact batches.
+    """
+
+    def __init__(self, shard, micro_batch: int, seed: int) -> None:
+        self.shard, self.micro, self.seed = shard, micro_batch, seed
+        self._it = None
+        self._epoch = 0
+
+    def __call__(self, micro_step: int, device: torch.device | str) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(
+                    self.shard.iter_batches(
+                        batch_size=self.micro,
+                        batch_format="numpy",
+                        drop_last=True,
+                        local_shuffle_buffer_size=self.micro * 8,
+                        local_shuffle_seed=self.seed + self._epoch,
+                    )
+                )
+            try:
+                return _tensors(next(self._it), device)
+            except StopIteration:
+                self._it, self._epoch = None, self._epoch + 1
+        raise ValueError(f"this worker's data shard holds fewer than {self.micro} rows: lower the batch size")

@@ -109,6 +109,7 @@ def train_loop(
     metrics_sink: Any = None,
     export_dir: Path | None = None,
     fault_marker: Path | None = None,
+    batch_source: Any = None,
 ) -> dict[str, float]:
     """Run (or resume) one stage to ``cfg.steps`` optimiser steps.
 
@@ -122,6 +123,8 @@ def train_loop(
             the buffered steps durable (MLflow logging), and with artefacts via ``sink.artifacts(paths)``.
         export_dir: where rank 0 writes the stage's model-version part after the last step.
         fault_marker: a file whose absence at ``cfg.fail_at_step`` triggers one injected failure.
+        batch_source: ``source(micro_step, device) -> batch`` (Ray Data shards); None draws deterministic
+            batches from the task's in-memory split.
 
     Returns:
         The last step's metrics.
@@ -153,7 +156,7 @@ def train_loop(
 
         task.wrap_for_ddp(ray.train.torch.prepare_model)  # RAY
 
-    n = task.train_size()
+    n = task.train_size() if batch_source is None else 0
     micro = cfg.batch_size // cfg.grad_accum
     pending: list[tuple[int, dict[str, float]]] = []
     t_start, samples_done = time.perf_counter(), 0
@@ -168,8 +171,12 @@ def train_loop(
         terms: dict[str, float] = {}
         for k in range(cfg.grad_accum):
             micro_step = step * cfg.grad_accum + k
-            idx = batch_indices(n, micro, seed, micro_step, ctx.rank, ctx.world)
-            batch = task.train_batch(idx, device)
+            if batch_source is None:
+                batch = task.train_batch(
+                    batch_indices(n, micro, seed, micro_step, ctx.rank, ctx.world), device
+                )
+            else:
+                batch = batch_source(micro_step, device)
             gen = step_generator(seed, micro_step, ctx.rank, device)
             with _autocast(cfg, device):
                 losses = task.loss(batch, gen)
@@ -188,7 +195,9 @@ def train_loop(
         metrics[f"{task.name}/samples_per_s"] = samples_done / max(elapsed, 1e-9)
         metrics[f"{task.name}/peak_rss_mb"] = _peak_rss_mb()
         last = step == cfg.steps - 1
-        if ctx.rank == 0 and ((step + 1) % cfg.val_every == 0 or last):
+        checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or last
+        # Every checkpoint carries the validation metric that ranks it (CheckpointConfig keeps the best).
+        if ctx.rank == 0 and ((step + 1) % cfg.val_every == 0 or checkpoint_now):
             metrics.update({f"{task.name}/val_{k}": v for k, v in task.validate().items()})
         if ctx.rank == 0:
             pending.append((step, metrics))
@@ -207,7 +216,7 @@ def train_loop(
             ):
                 with tempfile.TemporaryDirectory() as d:
                     metrics_sink.artifacts(task.artifacts(step + 1, Path(d)))
-        if (step + 1) % cfg.checkpoint_every == 0 or last:
+        if checkpoint_now:
             _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink)
             pending = []
         elif (step + 1) % cfg.log_every == 0:

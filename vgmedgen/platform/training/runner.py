@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig
-from vgmedgen.platform.training.config import STAGES
+from vgmedgen.platform.training.config import STAGE_SCORES, STAGES
 
 __all__ = ["StageResult", "StageInputError", "run_stage", "stage_run_name", "PARTS"]
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # What each stage exports into the model version, and which parts it consumes.
 PARTS = {"visual": "visual", "align": "text", "dit": "generator"}
 NEEDS = {"visual": (), "align": ("visual",), "dit": ("visual", "text")}
+
 DONE = "DONE.json"
 
 
@@ -149,12 +151,34 @@ def run_stage(
         "fault_marker": str(run_dir / "fault_injected"),
         "tracking": {"uri": tracker.uri, "run_id": mlflow_run} if tracker is not None else None,
     }
+    score_name, score_order = STAGE_SCORES[stage]
+    score_key = f"{stage}/val_{score_name}"
     sc = cfg.train.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
+    datasets = None
+    if cfg.train.ingest == "ray_data":
+        import ray
+
+        from vgmedgen.platform.training.data import decode_record_batch
+
+        free = ray.cluster_resources().get("CPU", 0) - sc.num_workers * sc.cpus_per_worker
+        if free < 0.5:
+            raise ConfigError(
+                f"train.ingest=ray_data needs CPUs left for Ray Data besides the {sc.num_workers} training workers "
+                f"x {sc.cpus_per_worker} CPUs, but the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs: "
+                "lower train.scaling.num_workers or cpus_per_worker, or use train.ingest=memory"
+            )
+
+        datasets = {
+            "train": ray.data.read_parquet(str(cfg.records_dir), file_extensions=["parquet"])
+            .filter(expr="split == 'train'")
+            .map_batches(decode_record_batch, batch_size=256, num_cpus=0.5)
+        }
     trainer = TorchTrainer(
         stage_worker,
+        datasets=datasets,
         train_loop_config={"spec": json.dumps(spec)},
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers,
@@ -166,7 +190,11 @@ def run_stage(
             name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=stage_cfg.num_to_keep),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=stage_cfg.num_to_keep,  # the best by validation score, plus always the latest
+                checkpoint_score_attribute=score_key,
+                checkpoint_score_order=score_order,
+            ),
         ),
     )
     t0 = time.perf_counter()
@@ -176,10 +204,30 @@ def run_stage(
     if not (export_dir / "manifest.json").is_file():
         raise RuntimeError(f"stage {stage} finished without writing its export to {export_dir}")
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    best = {}
+    if result.best_checkpoints:
+        best_ckpt, best_metrics = result.get_best_checkpoint(score_key, score_order), None
+        for ckpt, m in result.best_checkpoints:
+            if best_ckpt is not None and ckpt.path == best_ckpt.path:
+                best_metrics = m
+        if best_ckpt is not None and best_metrics is not None:
+            best = {
+                "path": best_ckpt.path,
+                "step": best_metrics.get("step"),
+                score_key: best_metrics.get(score_key),
+            }
     run_dir.mkdir(parents=True, exist_ok=True)
-    done_file.write_text(json.dumps({"metrics": metrics, "seconds": time.perf_counter() - t0}))
+    done_file.write_text(
+        json.dumps({"metrics": metrics, "best_checkpoint": best, "seconds": time.perf_counter() - t0})
+    )
     if tracker is not None:
         tracker.log_artifacts(mlflow_run, export_dir, f"export/{PARTS[stage]}")
+        if best:
+            tracker.client.set_tag(
+                mlflow_run,
+                "best_checkpoint",
+                f"{best['path']} (step {best['step']}, {score_key}={best[score_key]})",
+            )
         tracker.finish(mlflow_run)
     return StageResult(stage, name, export_dir, True, metrics, mlflow_run)
 
@@ -212,6 +260,16 @@ def stage_worker(config: dict[str, Any]) -> None:
     if spec["tracking"] and ctx.rank == 0:
         sink = MetricsSink(spec["tracking"]["uri"], spec["tracking"]["run_id"])
     export_dir = Path(spec["export_dir"])
+    source = None
+    if cfg.train.ingest == "ray_data":
+        import ray.train  # RAY
+
+        from vgmedgen.platform.training.data import StreamBatches
+
+        stage_cfg = getattr(cfg.train, stage)
+        source = StreamBatches(
+            ray.train.get_dataset_shard("train"), stage_cfg.batch_size // stage_cfg.grad_accum, cfg.seed
+        )  # RAY
     train_loop(
         task,
         getattr(cfg.train, stage),
@@ -221,4 +279,5 @@ def stage_worker(config: dict[str, Any]) -> None:
         metrics_sink=sink,
         export_dir=export_dir,
         fault_marker=Path(spec["fault_marker"]),
+        batch_source=source,
     )

@@ -58,13 +58,20 @@ class _Base:
     def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
-        self.train_data = RecordArrays.load(cfg.records_dir, "train")
+        self._train_data: RecordArrays | None = None
         try:
             self.val_data = RecordArrays.load(cfg.records_dir, "val", limit=VAL_LIMIT)
         except ValueError:
-            self.val_data = self.train_data
+            self.val_data = RecordArrays.load(cfg.records_dir, "train", limit=VAL_LIMIT)
         self.module: nn.Module  # what trains
         self.loss_module: nn.Module
+
+    @property
+    def train_data(self) -> RecordArrays:
+        """The decoded train split, loaded on first use (never with ``train.ingest=ray_data``)."""
+        if self._train_data is None:
+            self._train_data = RecordArrays.load(self.cfg.records_dir, "train")
+        return self._train_data
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -174,7 +181,8 @@ class AlignTask(_Base):
             cos_s += float(nn.functional.cosine_similarity(t_s, prior_s, dim=1).sum())
             n += len(b["caption"])
         self.module.train()
-        return {"cos_anatomy": cos_a / max(n, 1), "cos_style": cos_s / max(n, 1)}
+        cos_a, cos_s = cos_a / max(n, 1), cos_s / max(n, 1)
+        return {"cos_anatomy": cos_a, "cos_style": cos_s, "cos": (cos_a + cos_s) / 2}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": {k: v for k, v in self.module.state_dict().items() if not self._frozen_key(k)}}
