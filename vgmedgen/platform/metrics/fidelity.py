@@ -212,8 +212,9 @@ def create_inception_extractor(
     if not path.is_file():
         cfg = FidelityConfig(feature_extractor_weights_path=path)
         raise MetricsError(_missing_weights_message(cfg, field_path))
+    weights_file = str(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a plain weights file"
         raise MetricsError(
             f"{path} is not a plain PyTorch state dict of tensors ({type(err).__name__}: {str(err)[:200]}); "
