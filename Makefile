@@ -33,6 +33,13 @@ test-fast: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu -s $(PYTEST_ARGS)
 
+# Benchmarks print ratios against a baseline run in the same process (see benchmarks/).
+bench: $(STAMP)
+	$(PY) benchmarks/synthderm_rate.py
+	$(PY) benchmarks/dit_step_time.py
+	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/train_throughput.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vgmedgen jobs tests benchmarks
 	$(VENV)/bin/ruff format --check vgmedgen jobs tests benchmarks

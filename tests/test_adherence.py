@@ -251,6 +251,8 @@ def test_swap_grid_of_real_images_agrees_and_is_saved(tmp_path: Path, calibratio
     assert model.calls == 3
     assert len(res.images) == 8
     assert [(p["row"], p["column"]) for p in res.images[:4]] == [(0, 0), (0, 0), (0, 1), (0, 1)]
+    # The same seeds in every cell: along a row or a column only the prompt changes.
+    assert [p["seed"] for p in res.images] == [0, 1] * 4
     assert res.agreement["size"] == 1.0 and res.agreement["position"] == 1.0
     assert res.agreement["colour"] >= 0.75
     assert res.passed["size"] and res.passed["position"]
@@ -261,3 +263,23 @@ def test_swap_grid_of_real_images_agrees_and_is_saved(tmp_path: Path, calibratio
     with Image.open(tmp_path / "swap_grid.png") as grid:
         # label column + 2 tiles of 3 x 32 px (+ padding) wide; header + 2 rows high.
         assert grid.width > 2 * 3 * SIZE and grid.height > 2 * 3 * SIZE
+
+
+def test_demo_job_routes_adherence_overrides_and_rejects_bad_ones(capsys):
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("vgmedgen_demo_job", repo / "jobs" / "demo.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)  # type: ignore[union-attr]
+    experiment, adherence = job._split_overrides(
+        ["train.dit.steps=5", "adherence.seeds_per_cell=3", "adherence.size_threshold=0.7"]
+    )
+    assert experiment == ["train.dit.steps=5"]
+    assert adherence == ["seeds_per_cell=3", "size_threshold=0.7"]
+    # A bad adherence value is a user error: one message, exit status 2, before any training.
+    status = job.run_job(
+        job.main, ["--config", str(repo / "configs/demo.yaml"), "adherence.size_threshold=2"]
+    )
+    assert status == 2
+    assert "size_threshold" in capsys.readouterr().err

@@ -510,3 +510,29 @@ def test_deepcopy_keeps_processors_bound_to_the_copy(pretrained_dir: Path) -> No
     assert float(gen.hffm.branches[0]["anatomy"].gate.detach()) == 0.0
     # The backbone's own state dict holds stock diffusers names only (no HFFM keys).
     assert not any("branch" in k or "hffm" in k or "processor" in k for k in gen.backbone.state_dict())
+
+
+def test_scratch_branches_open_from_the_first_steps() -> None:
+    """From scratch the gates start at 1 (the zeroed attn2.to_out keeps the condition out at init), so the
+    branch projections learn as soon as the zero-initialised proj_out and attn2.to_out have moved (step 3);
+    with a zero gate they would still get exactly no gradient then."""
+
+    def to_v_grad_at_step_3(gate_init: float | None) -> float:
+        cfg = build_generator_config("tiny", {"hffm": {"gate_init": gate_init}})
+        torch.manual_seed(0)
+        gen = build_generator(cfg)
+        opt = torch.optim.SGD([p for _, p in gen.named_trainable_parameters()], lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(4, 3, 16, 16) * 2 - 1
+        for _ in range(3):
+            opt.zero_grad()
+            gen.reduce_loss(
+                gen.training_loss(images, torch.randn(4, 36), torch.randn(4, 8), generator=g)
+            ).backward()
+            grad = sum(float(b["anatomy"].to_v.weight.grad.abs().sum()) for b in gen.hffm.branches)
+            opt.step()
+        return grad
+
+    assert float(build_generator(build_generator_config("tiny")).hffm.branches[0]["anatomy"].gate) == 1.0
+    assert to_v_grad_at_step_3(None) > 0
+    assert to_v_grad_at_step_3(0.0) == 0.0

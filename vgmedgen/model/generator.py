@@ -499,6 +499,17 @@ class Generator(nn.Module):
             cfg.hffm, caption_channels=bb.caption_channels, inner_dim=bb.inner_dim, num_layers=bb.num_layers
         )
         self.hffm.attach(backbone)
+        gate = (
+            cfg.hffm.gate_init
+            if cfg.hffm.gate_init is not None
+            else (0.0 if cfg.init == "pretrained" else 1.0)
+        )
+        # From scratch, PixArt's init already zeroes every cross-attention output projection (through which
+        # the branches also write), so a block still starts by ignoring the condition. A zero gate on top
+        # would make the branch and its gate wait for each other: the gate's gradient is proportional to
+        # that zero projection and the branch's to the zero gate, and the anatomy branches stayed closed
+        # (tanh(gate) <= 1e-3) through a 1,200-step demo run.
+        self.hffm.set_gates(gate)
         if cfg.train == "lora":
             self.lora_modules = apply_lora(backbone, cfg.lora)
         else:

@@ -84,6 +84,11 @@ class HFFMConfig(StrictConfig):
     shared_null_tokens: int = Field(1, ge=1)
     text_width: int = Field(768, ge=1)
     text_dropout: float = Field(0.5, ge=0.3, le=1.0)
+    gate_init: float | None = Field(
+        None,
+        description="initial gate g of the stream branches (their output is tanh(g) * attention); None = 0 "
+        "with a pretrained backbone (it starts from its own behaviour) and 1 when training from scratch",
+    )
 
 
 class StreamFusion(nn.Module):
@@ -281,6 +286,14 @@ class HFFM(nn.Module):
         if cfg.mode == "hybrid":
             self.text_proj = nn.Linear(cfg.text_width, caption_channels)
         self.reset_parameters()
+
+    def set_gates(self, value: float) -> None:
+        """Set every stream branch's gate to ``value`` (``tanh(value)`` scales the branch output)."""
+        if self.branches is not None:
+            with torch.no_grad():
+                for block in self.branches:
+                    for branch in block.values():
+                        branch.gate.fill_(value)
 
     def reset_parameters(self) -> None:
         """Initialise the parameters HFFM owns directly (the submodules init themselves)."""

@@ -103,7 +103,8 @@ class AdherenceConfig(StrictConfig):
             style factors a column leaves out come from ``style_defaults``.
         anatomy_defaults: the other anatomy factors of every row prompt.
         style_defaults: the other style factors of every column prompt.
-        seeds_per_cell: images per (row, column) cell; seeds are ``seed + k`` over the grid.
+        seeds_per_cell: images per (row, column) cell: seeds ``seed, ..., seed + seeds_per_cell - 1``
+            in every cell, so that along a row or a column only the prompt changes.
         seed: the first seed.
         size_threshold: the size agreement needed to pass (chance 1/3).
         position_threshold: the position agreement needed to pass (chance 1/5).
@@ -590,8 +591,9 @@ def measure_adherence(
 ) -> AdherenceResult:
     """Sample the swap grid from ``model``, measure every image, and score agreement.
 
-    Image ``k`` of cell (row ``i``, column ``j``) uses seed ``cfg.seed + (i * C + j) * seeds_per_cell + k``
-    (C columns), so every image is reproducible from its cell alone.
+    Image ``k`` of every cell uses seed ``cfg.seed + k``: the cells differ only in their prompts, so
+    the grid shows what each prompt changes (a model that ignores its anatomy prompt draws the same
+    image down a column), and every image is reproducible from its cell and ``k``.
 
     Args:
         model: the trained model (its EMA weights are sampled when present).
@@ -610,7 +612,7 @@ def measure_adherence(
     n_r, n_c, k = len(row_prompts), len(col_prompts), cfg.seeds_per_cell
     row_of = [i for i in range(n_r) for _ in range(n_c) for _ in range(k)]
     col_of = [j for _ in range(n_r) for j in range(n_c) for _ in range(k)]
-    seeds = [cfg.seed + idx for idx in range(n_r * n_c * k)]
+    seeds = [cfg.seed + s for _ in range(n_r * n_c) for s in range(k)]
     images, masks = [], []
     for start in range(0, len(seeds), cfg.batch_size):
         sl = slice(start, start + cfg.batch_size)
