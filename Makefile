@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) jobs/demo.py --config configs/demo.yaml
 
+demo-long: $(STAMP)
+	$(PY) jobs/demo.py --config configs/demo-long.yaml
+
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
