@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -261,7 +260,3 @@ def _fmt(seconds: float) -> str:
     h, m = divmod(m, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
 
-
-def worker_threads() -> int:
-    """Threads for torch in a worker: Ray sets OMP_NUM_THREADS from the worker's CPUs."""
-    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
