@@ -9,7 +9,6 @@ source cannot run code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "load_state", "save_state", "file_sha256", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "load_state", "save_state", "rng_state", "set_rng_state"]
 
 
 class CheckpointError(RuntimeError):
@@ -102,14 +101,6 @@ def load_state(directory: str | Path, name: str, map_location: str | torch.devic
             )
     tensors = load_file(str(st), device=str(map_location))
     return _join(json.loads(js.read_text()), tensors)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
