@@ -59,6 +59,11 @@ class DomainNetConfig(StrictConfig):
         description="classifier: number of labels (>= 2); segmentation: mask channels (1 = binary).",
     )
     in_channels: int = Field(3, ge=1, le=16)
+    coord_channels: bool = Field(
+        False,
+        description="Append x/y coordinate maps to the input (CoordConv), so pooled features can tell where "
+        "things are: needed by judges of lesion position; off for domain extractors.",
+    )
     width: int = Field(
         32, ge=4, le=1024, description="Channels of the first stage; each later stage doubles them."
     )
@@ -153,7 +158,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: DomainNetConfig) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, cfg.width, 3, padding=1, bias=False),
+            nn.Conv2d(cfg.in_channels + 2 * cfg.coord_channels, cfg.width, 3, padding=1, bias=False),
             _norm(cfg.norm, cfg.width, cfg.groups),
             nn.SiLU(),
         )
@@ -221,6 +226,10 @@ class DomainNet(nn.Module):
         size = self.config.input_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if self.config.coord_channels:
+            ramp = torch.linspace(-1.0, 1.0, size, dtype=x.dtype, device=x.device)  # (S,)
+            coords = torch.stack(torch.meshgrid(ramp, ramp, indexing="xy"))  # (2, S, S): x, y
+            x = torch.cat([x, coords.expand(x.shape[0], -1, -1, -1)], dim=1)  # (N, C + 2, S, S)
         return x
 
     def init_weights(self) -> None:

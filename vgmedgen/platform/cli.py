@@ -22,6 +22,7 @@ __all__ = ["job_parser", "load_from_args", "run_job"]
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vgmedgen.platform.cluster import ClusterError
     from vgmedgen.platform.datasets.common import CorruptInputError, DatasetError
+    from vgmedgen.platform.metrics.stats import MetricsError
     from vgmedgen.platform.prepare import PrepareError
     from vgmedgen.platform.records import RecordError
 
@@ -32,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CorruptInputError,
         PrepareError,
         RecordError,
+        MetricsError,
         FileNotFoundError,
     )
 

@@ -26,6 +26,7 @@ from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
 from vgmedgen.model.vgmedgen import ModelConfig
 from vgmedgen.platform.datasets.common import ReaderOptions
 from vgmedgen.platform.tracking import TrackingConfig
+from vgmedgen.platform.evaluation.config import EvaluateConfig
 from vgmedgen.platform.training.config import TrainConfig
 
 __all__ = [
@@ -132,6 +133,7 @@ class ExperimentConfig(StrictConfig):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig.model_validate({"preset": "tiny"}))
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def check_trainable(self) -> None:
         """Raise :class:`ConfigError` unless the records' resolution is the model's image size."""

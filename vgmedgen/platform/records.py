@@ -52,6 +52,11 @@ RECORD_SCHEMA = pa.schema(
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# The ``source`` prefix of synthetic rows (generated images added to a train split); such rows never
+# enter val or test.
+SYNTHETIC_SOURCE = "synthetic://"
+
+
 class RecordError(ValueError):
     """Records that do not match the canonical schema; the message names the column and row."""
 

@@ -96,6 +96,8 @@ class EvaluationReport:
         default_factory=dict
     )  # other numbers (controllability, downstream, ...)
     warnings: list[str] = field(default_factory=list)
+    # Named tables (controllability per factor, downstream per plan, ...): lists of rows with the same keys.
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # Nearest-neighbour distances for the memorisation histogram (not written to JSON).
     generated_nearest: np.ndarray | None = None
     test_nearest: np.ndarray | None = None
@@ -110,6 +112,7 @@ class EvaluationReport:
             "memorisation": self.memorisation.to_dict() if self.memorisation else None,
             "scalars": dict(self.scalars),
             "warnings": list(self.warnings),
+            "tables": {k: [dict(r) for r in rows] for k, rows in self.tables.items()},
         }
         return _json_clean(data)
 
@@ -168,6 +171,15 @@ def markdown_report(report: EvaluationReport) -> str:
     if report.scalars:
         lines += ["", "## Other results", "", "| name | value |", "|---|---:|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in report.scalars.items()]
+    for name, rows in report.tables.items():
+        if not rows:
+            continue
+        keys = list(rows[0])
+        lines += ["", f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += [
+            "| " + " | ".join(_fmt(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+            for r in rows
+        ]
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
     return "\n".join(lines) + "\n"

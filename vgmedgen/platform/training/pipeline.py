@@ -113,12 +113,12 @@ def train_experiment(
         parts.update(_parts_from(base))
     parts["text_encoder"] = ensure_text_encoder(cfg)
     job_key = hashlib.sha256(
-        cfg.model_dump_json(exclude={"train": {"scaling"}, "tracking": True}).encode()
+        cfg.model_dump_json(exclude={"train": {"scaling"}, "tracking": True, "evaluate": True}).encode()
     ).hexdigest()[:12]
     parent = None
     if tracker is not None:
         parent = tracker.run(key=f"{cfg.name}-job-{job_key}", name=f"{cfg.name}-train", tags={"job": "train"})
-        tracker.log_params(parent, cfg.model_dump(mode="json"))
+        tracker.log_params(parent, cfg.model_dump(mode="json", exclude={"evaluate"}))
     results = []
     for stage in cfg.train.stages:
         inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}
@@ -149,6 +149,7 @@ def train_experiment(
     if tracker is not None:
         summary.tracking_uri = tracker.uri
         client = tracker.client
+        client.set_tag(parent, "model_version", version)  # the evaluate job finds this run by it
         logged = {a.path for a in client.list_artifacts(parent)}
         if "model_version" not in logged:
             tracker.log_artifacts(parent, version_dir, "model_version")

@@ -1,0 +1,1 @@
+"""Evaluation of model versions: distances, controllability, anatomy adherence, memorisation, downstream gains."""

@@ -1,0 +1,255 @@
+"""The downstream augmentation benchmark: a classifier (or segmenter) on real data versus real plus synthetic.
+
+For every plan (``balance``: fill each class up to the largest; ``x0.5``/``x1``/``x2``: add that
+multiple of the real train split, in its class mix) synthetic rows are generated from prompts of
+*training* records only (the row's label is its source record's label; segmentation rows get the
+stage-1 pseudo-mask), written as train-split records flagged ``synthetic://``, and added to the
+train split only. Each (plan, seed) trains through the shared loop (``fit_classifier``) in its own
+Ray task, so seeds and plans run in parallel where the cluster has CPUs, and is scored on the real
+test split: balanced accuracy, macro-F1 and per-class recall (classification), Dice and IoU
+(segmentation); the report gives mean and spread over seeds and the gain over real-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from vgmedgen.model.domain_nets import domain_net_config
+from vgmedgen.platform.evaluation.config import DownstreamConfig
+from vgmedgen.platform.evaluation.generate import PromptRows, generate, prompt_rows, write_synthetic_records
+from vgmedgen.platform.records import read_records
+from vgmedgen.platform.training.classify import (
+    ClassifierSpec,
+    HeadSpec,
+    dice_iou,
+    fit_classifier,
+    load_labelled,
+    predict,
+    segment,
+)
+
+__all__ = ["DownstreamResult", "plan_draws", "run_downstream", "subset_records"]
+
+log = logging.getLogger(__name__)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def subset_records(records_dir: Path, per_class: int, seed: int, out_root: Path) -> Path:
+    """A records directory with at most ``per_class`` train rows per label (seeded); val and test kept whole."""
+    table = read_records(records_dir)
+    split = table.column("split").to_numpy(zero_copy_only=False)
+    labels = np.array(table.column("label").to_pylist())
+    rng = np.random.default_rng([seed, 17])
+    keep = split != "train"
+    for lab in sorted(set(labels[split == "train"])):
+        rows = np.flatnonzero((split == "train") & (labels == lab))
+        keep[rng.permutation(rows)[:per_class]] = True
+    out = (
+        out_root
+        / f"lowdata-{per_class}-{seed}-{_hash(sorted(p.name for p in Path(records_dir).glob('*.parquet')))}"
+    )
+    if not (out / "part-00000.parquet").is_file():
+        tmp = out.parent / f".{out.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pq.write_table(table.filter(keep), tmp / "part-00000.parquet")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def plan_draws(labels: list[str], plan: str, seed: int) -> np.ndarray:
+    """Indices of the training rows whose prompts (and labels) the synthetic rows of ``plan`` use.
+
+    ``balance`` draws, for every class, as many rows of that class as it lacks to match the largest
+    class; ``xk`` draws ``round(k * N)`` rows uniformly (the real class mix). Draws are seeded and
+    with replacement (a prompt may serve several seeds of the sampler).
+    """
+    rng = np.random.default_rng([seed, 23, int(plan == "balance")])
+    lab = np.array(labels)
+    if plan == "balance":
+        counts = Counter(labels)
+        top = max(counts.values())
+        parts = [
+            rng.choice(np.flatnonzero(lab == c), size=top - n) for c, n in sorted(counts.items()) if n < top
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if not plan.startswith("x"):
+        raise ValueError(f"unknown plan {plan!r}")
+    k = float(plan[1:])
+    return rng.choice(len(labels), size=int(round(k * len(labels))))
+
+
+@dataclass
+class DownstreamResult:
+    """Per (plan, seed) test metrics and their summary over seeds."""
+
+    task: str
+    runs: list[dict[str, Any]]  # {"plan", "seed", "n_real", "n_synthetic", metrics...}
+    seconds: float
+    class_names: tuple[str, ...] = ()
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Rows per plan: mean and std over seeds of each scalar metric, and the gain over ``real``."""
+        plans = list(dict.fromkeys(r["plan"] for r in self.runs))
+        keys = [k for k, v in self.runs[0].items() if isinstance(v, float)]
+        base = {k: float(np.mean([r[k] for r in self.runs if r["plan"] == "real"])) for k in keys}
+        out = []
+        for p in plans:
+            rs = [r for r in self.runs if r["plan"] == p]
+            row: dict[str, Any] = {"plan": p, "seeds": len(rs), "n_synthetic": rs[0]["n_synthetic"]}
+            for k in keys:
+                vals = np.array([r[k] for r in rs], float)
+                row[k] = float(vals.mean())
+                row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                row[f"{k}_gain"] = float(vals.mean() - base[k])
+            out.append(row)
+        return out
+
+    def scalars(self) -> dict[str, float]:
+        main = "balanced_accuracy" if self.task == "classification" else "dice"
+        out = {}
+        for row in self.summary():
+            out[f"downstream/{row['plan']}_{main}"] = row[main]
+            out[f"downstream/{row['plan']}_{main}_std"] = row[f"{main}_std"]
+            if row["plan"] != "real":
+                out[f"downstream/{row['plan']}_{main}_gain"] = row[f"{main}_gain"]
+        return out
+
+
+def _test_metrics(spec_json: str, trained_dir: str, task: str) -> dict[str, float]:
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+
+    from vgmedgen.platform.training.classify import load_trained_net
+
+    spec = ClassifierSpec.model_validate_json(spec_json)
+    trained = load_trained_net(Path(trained_dir))
+    test = load_labelled(spec.records_dir, "test", spec.heads)
+    if task == "segmentation":
+        probs = segment(trained.net, test.images)
+        return dice_iou(probs > 0.5, test.masks > 0.5, test.has_mask)
+    pred = predict(trained.net, spec.heads, test.images)[:, 0].numpy()
+    target = test.targets[:, 0].numpy()
+    keep = target >= 0
+    pred, target = pred[keep], target[keep]
+    classes = spec.heads[0].classes
+    labels = list(range(len(classes)))
+    recall = recall_score(target, pred, labels=labels, average=None, zero_division=0)
+    out = {
+        "balanced_accuracy": float(balanced_accuracy_score(target, pred)),
+        "macro_f1": float(f1_score(target, pred, labels=labels, average="macro", zero_division=0)),
+    }
+    out.update({f"recall_{c}": float(r) for c, r in zip(classes, recall)})
+    return out
+
+
+def _fit_and_score(spec_json: str, storage: str, name: str, task: str) -> dict[str, float]:
+    """One (plan, seed): train in-process (inside a Ray task) through the shared loop, score on real test."""
+    torch.set_num_threads(1)
+    spec = ClassifierSpec.model_validate_json(spec_json)
+    trained = fit_classifier(spec, Path(storage), name)
+    return _test_metrics(spec_json, str(trained.directory), task)
+
+
+def run_downstream(
+    cfg: DownstreamConfig,
+    model,
+    records_dir: Path,
+    storage: Path,
+    *,
+    dataset: str,
+    origin: str,
+    seed: int,
+    resolution: int,
+    sampler=None,
+    batch_size: int = 64,
+) -> DownstreamResult:
+    """Generate the plans' synthetic rows, train every (plan, seed) on Ray, score on the real test split."""
+    import time
+
+    import ray
+
+    t0 = time.perf_counter()
+    if cfg.real_per_class is not None:
+        records_dir = subset_records(records_dir, cfg.real_per_class, seed, storage)
+    rows: PromptRows = prompt_rows(records_dir, "train")
+    classes = tuple(sorted(set(rows.labels)))
+    task = cfg.task
+    if task == "auto":
+        task = "classification" if len(classes) >= 2 else "segmentation"
+    if task == "segmentation" and not bool(rows.has_mask.any()):
+        raise ValueError(
+            f"downstream.task=segmentation needs masks, but the train split of {records_dir} has none"
+        )
+    if task == "classification" and len(classes) < 2:
+        raise ValueError(
+            f"downstream.task=classification needs >= 2 labels, the train split of {records_dir} has {list(classes)}; "
+            "use downstream.task=segmentation"
+        )
+    synthetic: dict[str, Path | None] = {"real": None}
+    for plan in cfg.plans:
+        draws = plan_draws(rows.labels, plan, seed)
+        if len(draws) == 0:
+            log.warning("plan %s adds no synthetic rows (the classes are already balanced); skipped", plan)
+            continue
+        out = (
+            storage
+            / "synthetic"
+            / f"{origin}-{plan}-{_hash([records_dir.name, seed, draws.tolist(), sampler and sampler.model_dump()])}"
+        )
+        if not (out / "part-00000.parquet").is_file():
+            picked = rows.take(draws)
+            seeds = [seed * 7_919 + i for i in range(len(draws))]
+            gen = generate(
+                model,
+                picked.anatomy,
+                picked.style,
+                seeds,
+                sampler=sampler,
+                batch_size=batch_size,
+                desc=f"synthetic rows ({plan})",
+            )
+            write_synthetic_records(gen, picked, out, dataset=dataset, origin=origin)
+        synthetic[plan] = out
+    if task == "classification":
+        net = domain_net_config(cfg.net, kind="classifier", num_classes=len(classes), input_size=resolution)
+        heads: tuple[HeadSpec, ...] = (HeadSpec(name="label", classes=classes, source="label"),)
+    else:
+        net = domain_net_config(cfg.net, kind="segmentation", num_classes=1, input_size=resolution)
+        heads = ()
+    fit = ray.remote(num_cpus=cfg.cpus_per_run, max_retries=1)(_fit_and_score)
+    jobs, meta = [], []
+    for plan, extra in synthetic.items():
+        n_syn = 0 if extra is None else pq.read_metadata(extra / "part-00000.parquet").num_rows
+        for s in cfg.seeds:
+            spec = ClassifierSpec(
+                net=net,
+                heads=heads,
+                records_dir=records_dir,
+                extra_train=() if extra is None else (extra,),
+                train=cfg.train,
+                seed=s,
+            )
+            jobs.append(
+                fit.remote(
+                    spec.model_dump_json(), str(storage / "runs"), f"downstream-{task}-{plan}-s{s}", task
+                )
+            )
+            meta.append({"plan": plan, "seed": s, "n_real": len(rows), "n_synthetic": n_syn})
+    results = ray.get(jobs)
+    runs = [{**m, **{k: float(v) for k, v in r.items()}} for m, r in zip(meta, results)]
+    return DownstreamResult(task, runs, time.perf_counter() - t0, classes)

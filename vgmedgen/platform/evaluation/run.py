@@ -1,0 +1,323 @@
+"""The evaluate job: score a model version (or a folder of generated images) against a dataset's real split.
+
+Steps, each reusing earlier work where its inputs are unchanged:
+
+1. the records (prepared if missing) and the model version (a directory or ``name@alias``);
+2. the domain extractor: a classifier on the labels of the real train split, or for a single-class
+   dataset a segmentation U-Net on its masks, trained through the shared loop on Ray Train;
+3. ``num_images`` generated images from prompts of training records (or the given folder);
+4. domain FD/KD (HFD, KFD, ...) and, with the Inception weights, FID/KID, each beside its floor
+   (real train vs real test at the same N); memorisation in domain features;
+5. anatomy adherence of the generated images (pseudo-mask vs the prompt's source mask);
+6. on SynthDerm, controllability through the judges (matched and swapped prompts);
+7. optionally, the downstream augmentation benchmark;
+8. the report (JSON, Markdown, PNG) under ``<output_root>/evaluation/<experiment>/<version>/``, logged
+   to MLflow in the model version's training run (metrics and an ``evaluation/`` artifact folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vgmedgen.model.configbase import ConfigError
+from vgmedgen.model.domain_nets import domain_net_config
+from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.evaluation.control import (
+    anatomy_adherence,
+    measure_controllability,
+    plot_confusions,
+    train_judges,
+)
+from vgmedgen.platform.evaluation.downstream import run_downstream
+from vgmedgen.platform.evaluation.generate import generate, load_image_folder, prompt_rows
+from vgmedgen.platform.metrics.fidelity import (
+    check_inception_weights,
+    compute_distances,
+    create_domain_extractor,
+    create_inception_extractor,
+    distance_floor,
+    domain_metric_names,
+    extract_features,
+    summarise_images,
+)
+from vgmedgen.platform.metrics.memorisation import memorisation_share
+from vgmedgen.platform.metrics.report import EvaluationReport, distance_rows, write_report
+from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, fit_classifier, load_labelled
+
+__all__ = ["EvaluationOutcome", "evaluate_experiment"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationOutcome:
+    report: EvaluationReport
+    paths: dict[str, Path]
+    out_dir: Path
+    mlflow_run_id: str | None
+    seconds: float
+
+
+def _uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (N, 3, H, W) -> uint8."""
+    return ((images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def domain_extractor(cfg: ExperimentConfig, storage: Path):
+    """The dataset's domain network (trained on its real train split, reused when unchanged) and its kind."""
+    ev = cfg.evaluate
+    labels = sorted(set(prompt_rows(cfg.records_dir, "train").labels))
+    if len(labels) >= 2:
+        net = domain_net_config(
+            ev.domain_net, kind="classifier", num_classes=len(labels), input_size=cfg.data.resolution
+        )
+        heads: tuple[HeadSpec, ...] = (HeadSpec(name="label", classes=tuple(labels), source="label"),)
+        kind = "classifier"
+    else:
+        net = domain_net_config(
+            ev.domain_net, kind="segmentation", num_classes=1, input_size=cfg.data.resolution
+        )
+        heads, kind = (), "segmentation"
+    spec = ClassifierSpec(
+        net=net, heads=heads, records_dir=cfg.records_dir, train=ev.domain_train, seed=cfg.seed
+    )
+    return fit_classifier(spec, storage / "nets", f"domain-{kind}", ev.scaling), kind
+
+
+def _model_run(tracker, ref: str, version_dir: Path) -> tuple[str | None, str]:
+    """(the MLflow run that produced a model version, a name for it): the registry's run and
+    ``<name>-v<version>`` for an alias, else the run tagged with the directory's name, and that name."""
+    if "@" in ref and not Path(ref).expanduser().is_dir():
+        name, _, alias = ref.removeprefix("models:/").partition("@")
+        mv = tracker.client.get_model_version_by_alias(name, alias)
+        return mv.run_id, f"{name}-v{mv.version}"
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.model_version = '{version_dir.name}'", max_results=1
+    )
+    return (runs[0].info.run_id if runs else None), version_dir.name
+
+
+def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) -> EvaluationOutcome:
+    """Run the evaluation that ``cfg.evaluate`` describes; see the module docstring."""
+    from vgmedgen.model.vgmedgen import VGMedGen
+    from vgmedgen.platform.cluster import connect
+    from vgmedgen.platform.prepare import prepare_records
+    from vgmedgen.platform.tracking import Tracker
+
+    t0 = time.perf_counter()
+    ev = cfg.evaluate
+    fid_warning = check_inception_weights(
+        ev.fidelity
+    )  # a config that demands FID fails here, before any work
+    tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
+    model = None
+    version_dir: Path | None = None
+    ref = ev.model
+    if ev.generated_dir is None:
+        if ref is None:
+            if tracker is None:
+                raise ConfigError(
+                    "evaluate.model is unset and tracking is off: set evaluate.model to a model version directory"
+                )
+            ref = f"{tracker.model_name}@{cfg.tracking.alias}"
+        version_dir = tracker.resolve(ref) if tracker is not None else Path(ref).expanduser()
+        if not version_dir.is_dir():
+            raise FileNotFoundError(f"evaluate.model {ref} is not a model version directory")
+        model = VGMedGen.from_pretrained(version_dir)
+        if model.config.image_size != cfg.data.resolution:
+            raise ConfigError(
+                f"the model generates {model.config.image_size}px images but data.resolution is {cfg.data.resolution}; "
+                "evaluate against records of the model's resolution"
+            )
+    connect(address)
+    prepare_records(cfg, address=address)
+    storage = cfg.root / "evaluation" / cfg.data.records_name
+    run_id = None
+    if version_dir is None:
+        tag = Path(ev.generated_dir).name
+    elif tracker is not None:
+        run_id, tag = _model_run(tracker, ref, version_dir)
+    else:
+        tag = version_dir.name
+    out_dir = cfg.root / "evaluation" / cfg.name / tag
+    report_warnings = [fid_warning] if fid_warning else []
+    scalars: dict[str, float] = {}
+    tables: dict[str, list[dict]] = {}
+
+    print("[evaluate] domain extractor ...", flush=True)
+    domain, domain_kind = domain_extractor(cfg, storage)
+    scalars.update({f"domain_net/val_{k}": float(v) for k, v in domain.metrics.items()})
+
+    # -- the generated set ----------------------------------------------------------------------
+    train_rows = prompt_rows(cfg.records_dir, "train")
+    gen_masks = None
+    if model is not None:
+        rng = np.random.default_rng([ev.seed, 11])
+        idx = rng.choice(len(train_rows), size=ev.num_images, replace=ev.num_images > len(train_rows))
+        picked = train_rows.take(idx)
+        seeds = [ev.seed * 1_000_003 + i for i in range(ev.num_images)]
+        gen = generate(
+            model, picked.anatomy, picked.style, seeds, sampler=ev.sampler, batch_size=ev.batch_size
+        )
+        gen_images, gen_masks = gen.images, gen.masks
+        adherence = anatomy_adherence(gen_masks, picked.masks, picked.has_mask)
+        scalars.update(adherence)
+    else:
+        gen_images = load_image_folder(Path(ev.generated_dir), limit=ev.num_images)
+    n = gen_images.shape[0]
+
+    # -- distances ------------------------------------------------------------------------------
+    reference = _uint8(load_labelled(cfg.records_dir, ev.reference_split, ()).images)
+    train_images = _uint8(load_labelled(cfg.records_dir, "train", ()).images)
+    fc = ev.fidelity
+    kw = {"kid_subsets": fc.kid_subsets, "kid_subset_size": fc.kid_subset_size, "seed": fc.seed}
+    rows = []
+    extractors = [("domain", create_domain_extractor(domain.net), *domain_metric_names(cfg.data.dataset))]
+    if fid_warning is None and fc.fid != "off":
+        extractors.append(
+            ("inception", create_inception_extractor(fc.feature_extractor_weights_path), "FID", "KID")
+        )
+    feats = {}
+    for name, extractor, fd_name, kd_name in extractors:
+        summ = {
+            key: summarise_images(
+                extractor,
+                imgs,
+                batch_size=fc.batch_size,
+                reservoir_size=max(fc.reservoir_size, n),
+                seed=fc.seed,
+            )
+            for key, imgs in (("gen", gen_images), ("ref", reference), ("train", train_images))
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            generated = compute_distances(summ["gen"], summ["ref"], **kw)
+            floor = distance_floor(summ["train"], summ["ref"], n, **kw) if len(train_images) >= n else None
+        rows += distance_rows(
+            fd_name,
+            kd_name,
+            generated,
+            floor,
+            extractor=name if name == "inception" else f"{domain_kind} ({cfg.data.dataset})",
+        )
+        report_warnings += generated.warnings
+        if floor is None:
+            report_warnings.append(f"{fd_name} floor skipped: the train split has fewer than {n} images")
+        if name == "domain":
+            feats = {
+                k: extract_features(extractor, v, batch_size=fc.batch_size)
+                for k, v in (("gen", gen_images), ("ref", reference), ("train", train_images))
+            }
+    mem, gen_nn, test_nn = memorisation_share(
+        feats["gen"], feats["train"], feats["ref"], percentile=ev.memorisation_percentile
+    )
+
+    # -- controllability and downstream ---------------------------------------------------------
+    figures = []
+    control_on = ev.controllability.enabled == "on" or (
+        ev.controllability.enabled == "auto" and cfg.data.dataset == "synthderm"
+    )
+    if control_on and model is None:
+        report_warnings.append("controllability needs a model version (not a folder of images); skipped")
+    elif control_on:
+        if cfg.data.dataset != "synthderm":
+            raise ConfigError(
+                "evaluate.controllability needs SynthDerm (the only dataset with known factors); set it to auto or off"
+            )
+        print("[evaluate] judges ...", flush=True)
+        cc = ev.controllability
+        judges = train_judges(
+            cfg.records_dir,
+            storage / "nets",
+            preset=cc.judge_net,
+            resolution=cfg.data.resolution,
+            train=cc.judge_train,
+            seed=cfg.seed,
+            scaling=ev.scaling,
+        )
+        weak = {
+            h.name: judges.metrics.get(f"acc_{h.name}")
+            for h in judges.heads
+            if judges.metrics.get(f"acc_{h.name}", 0) < cc.judge_target
+        }
+        if weak:
+            report_warnings.append(
+                "judges below the target accuracy on real validation images ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in weak.items())
+                + f" < {cc.judge_target}): their controllability numbers are bounded by that"
+            )
+        val_rows = prompt_rows(cfg.records_dir, "val")
+        control = measure_controllability(
+            model,
+            judges,
+            val_rows,
+            num=cc.num_prompts,
+            seed=ev.seed,
+            sampler=ev.sampler,
+            batch_size=ev.batch_size,
+        )
+        scalars.update(control.scalars())
+        tables["Controllability (share of images showing the requested factor)"] = control.rows()
+        figures.append(plot_confusions(control, out_dir / "confusion.png"))
+    if ev.downstream.enabled and model is None:
+        report_warnings.append("the downstream benchmark needs a model version; skipped")
+    elif ev.downstream.enabled:
+        print("[evaluate] downstream benchmark ...", flush=True)
+        down = run_downstream(
+            ev.downstream,
+            model,
+            cfg.records_dir,
+            storage / "downstream",
+            dataset=cfg.data.dataset,
+            origin=tag,
+            seed=ev.seed,
+            resolution=cfg.data.resolution,
+            sampler=ev.sampler,
+            batch_size=ev.batch_size,
+        )
+        scalars.update(down.scalars())
+        scalars["downstream/seconds"] = down.seconds
+        tables[f"Downstream {down.task} (real test split; mean over seeds, std, gain over real only)"] = (
+            down.summary()
+        )
+        tables["Downstream runs"] = down.runs
+
+    report = EvaluationReport(
+        title=f"Evaluation of {tag}",
+        dataset=cfg.data.dataset,
+        distances=rows,
+        model_version=str(version_dir) if version_dir else None,
+        memorisation=mem,
+        scalars=scalars,
+        warnings=report_warnings,
+        tables=tables,
+        generated_nearest=gen_nn,
+        test_nearest=test_nn,
+    )
+    paths = write_report(report, out_dir)
+    for f in figures:
+        paths[f.stem + "_png"] = f
+    if model is not None:
+        from vgmedgen.platform.visualize import save_grid
+
+        paths["samples_png"] = save_grid(gen_images[:32].float() / 255.0, out_dir / "samples.png", ncol=8)
+    if tracker is not None:
+        if run_id is None:
+            run_id = tracker.run(
+                key=f"{cfg.name}-evaluate-{tag}", name=f"{cfg.name}-evaluate", tags={"job": "evaluate"}
+            )
+        metrics = dict(scalars)
+        for r in rows:
+            metrics[f"eval/{r.metric}"] = r.value
+            metrics[f"eval/{r.metric}_floor"] = r.floor
+        metrics["eval/memorisation_share"] = mem.share
+        tracker.sink(run_id)([(0, {k: v for k, v in metrics.items() if np.isfinite(v)})])
+        tracker.log_artifacts(run_id, out_dir, "evaluation")
+    return EvaluationOutcome(report, paths, out_dir, run_id, time.perf_counter() - t0)
