@@ -536,3 +536,20 @@ def test_scratch_branches_open_from_the_first_steps() -> None:
     assert float(build_generator(build_generator_config("tiny")).hffm.branches[0]["anatomy"].gate) == 1.0
     assert to_v_grad_at_step_3(None) > 0
     assert to_v_grad_at_step_3(0.0) == 0.0
+
+
+def test_stream_standardization_is_identity_until_set_from_data():
+    from vgmedgen.model.hffm import StreamFusion
+
+    torch.manual_seed(0)
+    plain = StreamFusion(6, 16, 8, 2, layernorm=False)
+    act = StreamFusion(6, 16, 8, 2, layernorm=False, standardize=True)
+    act.load_state_dict(plain.state_dict(), strict=False)
+    priors = torch.randn(500, 6) * 0.05 + torch.linspace(0.2, 0.8, 6)  # small spread around an offset
+    assert torch.equal(act(priors), plain(priors))  # identity before the data init
+    act.init_standardization(priors)
+    z = (priors - act.shift) * torch.exp(-act.log_scale)
+    assert torch.allclose(z.mean(0), torch.zeros(6), atol=1e-5) and torch.allclose(z.std(0), torch.ones(6), atol=1e-4)
+    assert {n for n, p in act.named_parameters() if p.requires_grad} >= {"shift", "log_scale"}
+    with pytest.raises(RuntimeError, match="standardize=True"):
+        plain.init_standardization(priors)

@@ -25,8 +25,8 @@ from pydantic import Field, field_validator, model_validator
 from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
 from vgmedgen.model.vgmedgen import ModelConfig
 from vgmedgen.platform.datasets.common import ReaderOptions
-from vgmedgen.platform.tracking import TrackingConfig
 from vgmedgen.platform.evaluation.config import EvaluateConfig
+from vgmedgen.platform.tracking import TrackingConfig
 from vgmedgen.platform.training.config import TrainConfig
 
 __all__ = [

@@ -214,9 +214,26 @@ class DitTask(_Base):
             device
         )
         self.module.train()
+        if cfg.model.generator.hffm.standardize:
+            self._init_standardization()
         self.ema = EMA(self.module, cfg.model.generator.ema_decay).to(device)
         self.step = 0
         self.loss_module = _LossModule(self.module, self._terms)
+
+    @torch.no_grad()
+    def _init_standardization(self, rows: int = 2048) -> None:
+        """ActNorm of the stream vectors from the visual priors of the first ``rows`` training images (the
+        same rows on every worker, so DDP replicas start equal; a resumed run then loads its checkpoint)."""
+        data = self._train_data or RecordArrays.load(self.cfg.records_dir, "train", limit=rows)
+        n = min(rows, len(data))
+        pa, ps = [], []
+        for start in range(0, n, 256):
+            b = data.batch(np.arange(start, min(start + 256, n)), self.device)
+            a, s = self.visual.priors(b["image"])
+            pa.append(a)
+            ps.append(s)
+        self.module.hffm.anatomy.init_standardization(torch.cat(pa))
+        self.module.hffm.style.init_standardization(torch.cat(ps))
 
     def _conditions(self, batch: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():
