@@ -241,6 +241,21 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     assert "eval/SFD" in run.data.metrics and "downstream/real_balanced_accuracy" in run.data.metrics
     assert "evaluation/report.json" in [a.path for a in client.list_artifacts(reg.run_id, "evaluation")]
 
+    # the segmentation variant of the benchmark (Kvasir-style): real vs real + image/pseudo-mask pairs
+    seg = [
+        *overrides,
+        "evaluate.downstream.task=segmentation",
+        "evaluate.downstream.plans=[x0.5]",
+        "evaluate.controllability.enabled=off",
+    ]
+    assert job.main(["--config", str(REPO / "configs/tiny.yaml"), *seg]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    seg_runs = report["tables"]["Downstream runs"]
+    assert {(r["plan"], r["seed"]) for r in seg_runs} == {(p, k) for p in ("real", "x0.5") for k in (0, 1, 2)}
+    assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["iou"] <= 1.0 for r in seg_runs)
+    assert "downstream/x0.5_dice_gain" in report["scalars"]
+    capsys.readouterr()
+
     # bad input: a model reference that does not exist -> exit 2 with the reason
     from vgmedgen.platform.cli import run_job
 

@@ -549,7 +549,9 @@ def test_stream_standardization_is_identity_until_set_from_data():
     assert torch.equal(act(priors), plain(priors))  # identity before the data init
     act.init_standardization(priors)
     z = (priors - act.shift) * torch.exp(-act.log_scale)
-    assert torch.allclose(z.mean(0), torch.zeros(6), atol=1e-5) and torch.allclose(z.std(0), torch.ones(6), atol=1e-4)
+    assert torch.allclose(z.mean(0), torch.zeros(6), atol=1e-5) and torch.allclose(
+        z.std(0), torch.ones(6), atol=1e-4
+    )
     assert {n for n, p in act.named_parameters() if p.requires_grad} >= {"shift", "log_scale"}
     with pytest.raises(RuntimeError, match="standardize=True"):
         plain.init_standardization(priors)

@@ -106,7 +106,13 @@ class StreamFusion(nn.Module):
     """
 
     def __init__(
-        self, prior_dim: int, hidden_dim: int, width: int, num_tokens: int, layernorm: bool, standardize: bool = False
+        self,
+        prior_dim: int,
+        hidden_dim: int,
+        width: int,
+        num_tokens: int,
+        layernorm: bool,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         self.prior_dim = prior_dim
@@ -293,7 +299,12 @@ class HFFM(nn.Module):
         self.caption_channels = caption_channels
         width = caption_channels if cfg.mode == "tokens" else cfg.branch_width
         self.anatomy = StreamFusion(
-            cfg.anatomy_dim, cfg.hidden_dim, width, cfg.tokens_per_stream, cfg.prior_layernorm, cfg.standardize
+            cfg.anatomy_dim,
+            cfg.hidden_dim,
+            width,
+            cfg.tokens_per_stream,
+            cfg.prior_layernorm,
+            cfg.standardize,
         )
         self.style = StreamFusion(
             cfg.style_dim, cfg.hidden_dim, width, cfg.tokens_per_stream, cfg.prior_layernorm, cfg.standardize

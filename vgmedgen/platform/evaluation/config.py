@@ -46,6 +46,12 @@ class ControllabilityConfig(StrictConfig):
         0.9, ge=0, le=1, description="Judge accuracy each factor should reach on real val."
     )
 
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: object) -> object:
+        # YAML reads on/off (unquoted) as booleans
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("judge_net")
     @classmethod
     def _known_preset(cls, v: str) -> str:
