@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -262,3 +263,24 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     bad = [*overrides, "evaluate.model=/nonexistent/version"]
     assert run_job(job.main, ["--config", str(REPO / "configs/tiny.yaml"), *bad]) == 2
     assert "/nonexistent/version" in capsys.readouterr().err
+
+
+def test_coordinate_channels_are_appended_and_saved():
+    from vgmedgen.model.domain_nets import DomainClassifier
+
+    net = DomainClassifier(
+        domain_net_config("tiny", num_classes=3, input_size=16, coord_channels=True)
+    ).eval()
+    img = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    x = net.prepare(img)
+    assert x.shape == (2, 5, 16, 16)
+    assert torch.allclose(x[0, 3, 0], torch.linspace(-1, 1, 16)) and torch.allclose(
+        x[0, 4, :, 0], torch.linspace(-1, 1, 16)
+    )
+    # the config (and so the coordinate maps) travels with the saved network
+    from vgmedgen.model.domain_nets import load_domain_net, save_domain_net
+
+    path = Path(tempfile.mkdtemp()) / "net.safetensors"
+    save_domain_net(net, path)
+    back = load_domain_net(path)
+    assert back.config.coord_channels and torch.equal(back.features(back.prepare(img)), net.features(x))
