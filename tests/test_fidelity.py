@@ -148,6 +148,7 @@ def test_missing_inception_weights_message(tmp_path: Path) -> None:
     assert not fidelity.inception_available(optional)
     warning = fidelity.check_inception_weights(optional)
     assert warning is not None and warning.startswith("FID/KID skipped") and str(missing) in warning
+    assert "fid=auto" not in warning  # it is already auto: the warning does not tell the user to set it
     with pytest.raises(MetricsError, match="does not exist"):
         fidelity.check_inception_weights(optional, required=True)
     assert fidelity.check_inception_weights(fidelity.FidelityConfig(fid="off")) is None

@@ -155,7 +155,7 @@ def inception_available(cfg: FidelityConfig) -> bool:
     return path is not None and Path(path).expanduser().is_file()
 
 
-def _missing_weights_message(cfg: FidelityConfig, field_path: str) -> str:
+def _missing_weights_message(cfg: FidelityConfig, field_path: str, optional: bool = False) -> str:
     path = cfg.feature_extractor_weights_path
     problem = "is not set" if path is None else f"points to {path}, which does not exist"
     fid_field = field_path.rsplit(".", 1)[0] + ".fid" if "." in field_path else "fid"
@@ -163,8 +163,12 @@ def _missing_weights_message(cfg: FidelityConfig, field_path: str) -> str:
         f"FID/KID need torch-fidelity's Inception-v3 weights ('{INCEPTION_EXTRACTOR_NAME}'), but `{field_path}` "
         f"{problem}. torch-fidelity downloads them from {URL_INCEPTION_V3} (its URL_INCEPTION_V3); this platform "
         f"never downloads at run time. Fetch that file ({INCEPTION_WEIGHTS_FILE}) on a machine with internet "
-        f"access, copy it here and pass `{field_path}=/abs/path/{INCEPTION_WEIGHTS_FILE}`; or set "
-        f"`{fid_field}=auto` to skip FID/KID with a warning and rely on the domain distances."
+        f"access, copy it here and pass `{field_path}=/abs/path/{INCEPTION_WEIGHTS_FILE}`"
+        + (
+            ". Until then the domain distances stand alone."
+            if optional
+            else f"; or set `{fid_field}=auto` to skip FID/KID with a warning and rely on the domain distances."
+        )
     )
 
 
@@ -191,10 +195,9 @@ def check_inception_weights(
         return None
     if inception_available(cfg):
         return None
-    message = _missing_weights_message(cfg, field_path)
     if must:
-        raise MetricsError(message)
-    return "FID/KID skipped. " + message
+        raise MetricsError(_missing_weights_message(cfg, field_path))
+    return "FID/KID skipped. " + _missing_weights_message(cfg, field_path, optional=True)
 
 
 def create_inception_extractor(
