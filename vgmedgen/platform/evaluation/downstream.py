@@ -12,8 +12,6 @@ test split: balanced accuracy, macro-F1 and per-class recall (classification), D
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from collections import Counter
@@ -32,20 +30,18 @@ from vgmedgen.platform.records import read_records
 from vgmedgen.platform.training.classify import (
     ClassifierSpec,
     HeadSpec,
+    TrainedNet,
     dice_iou,
     fit_classifier,
     load_labelled,
     predict,
     segment,
 )
+from vgmedgen.platform.training.runner import _hash
 
 __all__ = ["DownstreamResult", "plan_draws", "run_downstream", "subset_records"]
 
 log = logging.getLogger(__name__)
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def subset_records(records_dir: Path, per_class: int, seed: int, out_root: Path) -> Path:
@@ -131,13 +127,9 @@ class DownstreamResult:
         return out
 
 
-def _test_metrics(spec_json: str, trained_dir: str, task: str) -> dict[str, float]:
+def _test_metrics(spec: ClassifierSpec, trained: TrainedNet, task: str) -> dict[str, float]:
     from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
 
-    from vgmedgen.platform.training.classify import load_trained_net
-
-    spec = ClassifierSpec.model_validate_json(spec_json)
-    trained = load_trained_net(Path(trained_dir))
     test = load_labelled(spec.records_dir, "test", spec.heads)
     if task == "segmentation":
         probs = segment(trained.net, test.images)
@@ -162,7 +154,7 @@ def _fit_and_score(spec_json: str, storage: str, name: str, task: str) -> dict[s
     torch.set_num_threads(1)
     spec = ClassifierSpec.model_validate_json(spec_json)
     trained = fit_classifier(spec, Path(storage), name)
-    return _test_metrics(spec_json, str(trained.directory), task)
+    return _test_metrics(spec, trained, task)
 
 
 def run_downstream(

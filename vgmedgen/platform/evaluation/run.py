@@ -45,10 +45,10 @@ from vgmedgen.platform.metrics.fidelity import (
     distance_floor,
     domain_metric_names,
     extract_features,
-    summarise_images,
 )
 from vgmedgen.platform.metrics.memorisation import memorisation_share
 from vgmedgen.platform.metrics.report import EvaluationReport, distance_rows, write_report
+from vgmedgen.platform.metrics.stats import FeatureSummary
 from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, fit_classifier, load_labelled
 
 __all__ = ["EvaluationOutcome", "evaluate_experiment"]
@@ -184,17 +184,18 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
         extractors.append(
             ("inception", create_inception_extractor(fc.feature_extractor_weights_path), "FID", "KID")
         )
-    feats = {}
+    domain_feats: dict[str, torch.Tensor] = {}
     for name, extractor, fd_name, kd_name in extractors:
-        summ = {
-            key: summarise_images(
-                extractor,
-                imgs,
-                batch_size=fc.batch_size,
-                reservoir_size=max(fc.reservoir_size, n),
-                seed=fc.seed,
-            )
+        # Features once per set: the summaries (distances) and, for the domain net, memorisation use them.
+        feats = {
+            key: extract_features(extractor, imgs, batch_size=fc.batch_size)
             for key, imgs in (("gen", gen_images), ("ref", reference), ("train", train_images))
+        }
+        summ = {
+            key: FeatureSummary.empty(f.shape[1], max(fc.reservoir_size, n), fc.seed).update(
+                f, list(range(len(f)))
+            )
+            for key, f in feats.items()
         }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -211,12 +212,9 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
         if floor is None:
             report_warnings.append(f"{fd_name} floor skipped: the train split has fewer than {n} images")
         if name == "domain":
-            feats = {
-                k: extract_features(extractor, v, batch_size=fc.batch_size)
-                for k, v in (("gen", gen_images), ("ref", reference), ("train", train_images))
-            }
+            domain_feats = feats
     mem, gen_nn, test_nn = memorisation_share(
-        feats["gen"], feats["train"], feats["ref"], percentile=ev.memorisation_percentile
+        domain_feats["gen"], domain_feats["train"], domain_feats["ref"], percentile=ev.memorisation_percentile
     )
 
     # -- controllability and downstream ---------------------------------------------------------
