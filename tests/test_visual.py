@@ -130,6 +130,40 @@ def test_style_encoder_pools_globally_any_size() -> None:
         assert mu.shape == logvar.shape == (3, 8)
 
 
+def test_region_style_pool_sees_a_small_region_colour() -> None:
+    from vgmedgen.model.visual import StyleEncoder
+
+    # Exact statistics: channel 1 covers a 2x2 corner of value 0.5 and 1.5 (mean 1, std 0.5).
+    img = torch.zeros(1, 3, 4, 4)
+    img[0, :, 0, 0], img[0, :, 0, 1], img[0, :, 1, 0], img[0, :, 1, 1] = 0.5, 1.5, 0.5, 1.5
+    amap = torch.zeros(1, 2, 4, 4)
+    amap[0, 1, :2, :2] = 1.0
+    amap[0, 0] = 1.0 - amap[0, 1]
+    stats = StyleEncoder.region_stats(img, amap).view(1, 2, 2, 3)  # (N, K, mean|std, C)
+    torch.testing.assert_close(stats[0, 1, 0], torch.ones(3))
+    torch.testing.assert_close(stats[0, 1, 1], torch.full((3,), 0.5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(stats[0, 0, 0], torch.zeros(3))  # the other 12 px are 0
+    # An empty channel gives zeros, not NaN.
+    assert torch.isfinite(StyleEncoder.region_stats(img, torch.zeros(1, 2, 4, 4))).all()
+    # A 3x3 lesion (0.9 % of 32x32) changing colour: the region features see the whole change, the
+    # global mean of the image under 1 % of it.
+    images = torch.full((1, 3, 32, 32), 0.5)
+    lesion = torch.zeros(1, 32, 32, dtype=torch.bool)
+    lesion[0, 10:13, 20:23] = True
+    images[:, :, 10:13, 20:23] = -0.5
+    recoloured = torch.where(lesion[:, None], torch.tensor(0.3), images)
+    one_hot = torch.stack([~lesion, lesion], dim=1).float()  # (N, 2, H, W)
+    d_regions = StyleEncoder.region_stats(recoloured, one_hot) - StyleEncoder.region_stats(images, one_hot)
+    d_global = recoloured.mean(dim=(2, 3)) - images.mean(dim=(2, 3))
+    torch.testing.assert_close(d_regions.view(2, 2, 3)[1, 0], torch.full((3,), 0.8))
+    assert float(d_global.abs().max()) < 0.01 * 0.8
+    images = images.expand(2, -1, -1, -1)
+    model = make_model(style_pool="regions")
+    mu, logvar = model.encode_style(images, torch.zeros(2, 8, 32, 32))
+    assert mu.shape == logvar.shape == (2, 8)
+    assert model.style_encoder.fc[0].in_features == 32 + 2 * 3 * 8
+
+
 def test_512_px_and_the_pixart_preset() -> None:
     # Any size divisible by the total stride works, 512 px included (tiny model: cheap on CPU).
     model = make_model().eval()

@@ -12,9 +12,13 @@ import torch
 __all__ = [
     "add_noise",
     "colour_distribution_loss",
+    "epsilon_from_v",
     "epsilon_mse",
+    "min_snr_weight",
     "predict_x0",
     "split_learned_sigma",
+    "v_target",
+    "x0_from_v",
 ]
 
 
@@ -51,6 +55,48 @@ def predict_x0(x_t: torch.Tensor, eps_pred: torch.Tensor, alpha_bar: torch.Tenso
     """
     a = _per_sample(alpha_bar, x_t)
     return (x_t.float() - (1.0 - a).sqrt() * eps_pred.float()) / a.sqrt()
+
+
+def v_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target ``v = sqrt(a) eps - sqrt(1 - a) x0``; (N, C, H, W) float32."""
+    a = _per_sample(alpha_bar, x0)
+    return a.sqrt() * eps.float() - (1.0 - a).sqrt() * x0.float()
+
+
+def epsilon_from_v(x_t: torch.Tensor, v_pred: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Noise implied by a v prediction: ``eps = sqrt(a) v + sqrt(1 - a) x_t`` (exact, no division)."""
+    a = _per_sample(alpha_bar, x_t)
+    return a.sqrt() * v_pred.float() + (1.0 - a).sqrt() * x_t.float()
+
+
+def x0_from_v(x_t: torch.Tensor, v_pred: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Clean estimate implied by a v prediction: ``x0 = sqrt(a) x_t - sqrt(1 - a) v``, differentiable."""
+    a = _per_sample(alpha_bar, x_t)
+    return a.sqrt() * x_t.float() - (1.0 - a).sqrt() * v_pred.float()
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weight per sample (Hang et al. 2023), for the MSE of ``prediction_type``.
+
+    With ``SNR = a / (1 - a)``: ``min(SNR, gamma) / SNR`` for epsilon, ``min(SNR, gamma) / (SNR + 1)``
+    for v, i.e. both equal ``min(SNR, gamma)`` times the MSE of ``x0``.
+
+    Args:
+        alpha_bar: (N,) ``a`` per sample.
+        gamma: the SNR cap.
+        prediction_type: ``epsilon`` or ``v_prediction``.
+
+    Returns:
+        (N,) float32 weights.
+    """
+    a = alpha_bar.float()
+    snr = a / (1.0 - a)
+    capped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return capped / snr
+    if prediction_type == "v_prediction":
+        return capped / (snr + 1.0)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
 
 
 def split_learned_sigma(out: torch.Tensor, in_channels: int) -> torch.Tensor:

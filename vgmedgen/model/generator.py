@@ -17,7 +17,7 @@ sample, A anatomy width, S style width, L caption tokens, B BERT width, D backbo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,9 +32,13 @@ from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config, c
 from vgmedgen.model.diffusion_losses import (
     add_noise,
     colour_distribution_loss,
+    epsilon_from_v,
     epsilon_mse,
+    min_snr_weight,
     predict_x0,
     split_learned_sigma,
+    v_target,
+    x0_from_v,
 )
 from vgmedgen.model.hffm import HFFM, HFFMConfig
 from vgmedgen.model.lora import (
@@ -141,12 +145,32 @@ class BackboneConfig(StrictConfig):
 
 
 class NoiseScheduleConfig(StrictConfig):
-    """DDPM noise schedule shared by training and the DPM-Solver++ sampler (PixArt-alpha's)."""
+    """DDPM noise schedule shared by training and the DPM-Solver++ sampler (PixArt-alpha's), and
+    what the network predicts.
+
+    Attributes:
+        num_train_timesteps: diffusion steps T.
+        beta_schedule: diffusers' beta schedule name.
+        beta_start: first beta (linear schedules).
+        beta_end: last beta (linear schedules).
+        prediction_type: the network's output: ``epsilon`` (the noise, PixArt-alpha's) or
+            ``v_prediction`` (``v = sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho 2022): a usable
+            clean estimate at every noise level, where an epsilon network's ``x0`` estimate at high
+            noise divides its error by ``sqrt(a)``. :meth:`Generator.forward` returns epsilon
+            either way (converted exactly), so sampling and guidance do not change.
+        loss_weighting: ``none`` (plain MSE of the prediction) or ``min_snr`` (Min-SNR-gamma,
+            Hang et al. 2023: each timestep's MSE weighted so that low-noise steps, whose easy
+            targets otherwise dominate the gradient, count at most as much as SNR = ``gamma``).
+        min_snr_gamma: gamma of ``min_snr``.
+    """
 
     num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     beta_start: float = Field(1e-4, gt=0)
     beta_end: float = Field(0.02, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = Field(5.0, gt=0)
 
     def scheduler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for diffusers schedulers (``DDPMScheduler``, ``DPMSolverMultistepScheduler``)."""
@@ -313,6 +337,9 @@ GENERATOR_PRESETS: dict[str, dict[str, Any]] = {
             "text_width": 128,
             "standardize": True,
         },
+        # v-prediction: in a 4,000-step sweep on the demo (same stages 1-2, batch 32) anatomy adherence
+        # reached 0.60 / 0.81 (size / position) by step 2,300 against 0.35 / 0.24 with epsilon.
+        "schedule": {"prediction_type": "v_prediction"},
         "ema_decay": 0.995,
     },
     # The paper's setting: PixArt-XL-2-512x512 (28 blocks, width 1152 = 16 x 72, patch 2,
@@ -617,13 +644,37 @@ class Generator(nn.Module):
         timesteps: torch.Tensor,
         t_a: torch.Tensor,
         t_s: torch.Tensor,
+        **conditions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Predict the noise in ``x_t`` (a v-prediction network's output converted exactly).
+
+        Arguments as :meth:`predict` (``conditions``: its keyword arguments). Returns (N, C, H, W)
+        float32 epsilon.
+        """
+        timesteps = self._timesteps(timesteps, x_t)
+        out = self.predict(x_t, timesteps, t_a, t_s, **conditions)  # (N, C, H, W)
+        if self.cfg.schedule.prediction_type == "v_prediction":
+            return epsilon_from_v(x_t, out, self.alphas_cumprod.to(x_t.device)[timesteps])
+        return out
+
+    @staticmethod
+    def _timesteps(timesteps: torch.Tensor | int, x_t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, device=x_t.device)
+        return t.expand(x_t.shape[0]) if t.ndim == 0 else t
+
+    def predict(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        t_a: torch.Tensor,
+        t_s: torch.Tensor,
         text_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         drop_anatomy: torch.Tensor | None = None,
         drop_style: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict the noise in ``x_t``.
+        """The network's own prediction for ``x_t``: epsilon or v, per ``schedule.prediction_type``.
 
         Args:
             x_t: (N, C, H, W) noisy sample (pixels in [-1, 1] scale, or scaled latents).
@@ -637,16 +688,14 @@ class Generator(nn.Module):
             drop_text: (N,) bool, mask the caption tokens out (``hybrid``).
 
         Returns:
-            (N, C, H, W) float32 epsilon prediction (the first half of a learned-sigma output).
+            (N, C, H, W) float32 prediction (the first half of a learned-sigma output).
         """
         n = x_t.shape[0]
         if x_t.ndim != 4 or x_t.shape[1] != self.in_channels:
             raise ValueError(f"x_t must have shape (N, {self.in_channels}, H, W), got {tuple(x_t.shape)}")
         if t_a.shape[0] != n or t_s.shape[0] != n:
             raise ValueError(f"batch sizes differ: x_t {n}, t_a {t_a.shape[0]}, t_s {t_s.shape[0]}")
-        timesteps = torch.as_tensor(timesteps, device=x_t.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(n)
+        timesteps = self._timesteps(timesteps, x_t)
         with self._autocast(x_t.device):
             enc, enc_mask, attn_kwargs = self.hffm.encoder_inputs(
                 t_a,
@@ -721,7 +770,9 @@ class Generator(nn.Module):
             latents: (N, C, h, w) precomputed latents of ``images`` (skips the VAE encoder).
 
         Returns:
-            ``{"eps": (N,), "colour": (N,), "colour_mask": (N,) bool}``: epsilon MSE per sample,
+            ``{"eps": (N,), "colour": (N,), "colour_mask": (N,) bool}``: the diffusion loss per sample
+            (MSE of the prediction against its target: the noise, or v with ``v_prediction``;
+            Min-SNR-weighted with ``loss_weighting='min_snr'``),
             colour loss per sample (0 where inactive) and where it is active. Reduce with
             :meth:`reduce_loss`.
         """
@@ -763,7 +814,7 @@ class Generator(nn.Module):
 
         alpha_bar = self.alphas_cumprod.to(device)[timesteps]  # (N,)
         x_t = add_noise(x0, noise, alpha_bar)  # (N, C, h, w)
-        eps_pred = self(
+        pred = self.predict(
             x_t,
             timesteps,
             t_a,
@@ -774,8 +825,16 @@ class Generator(nn.Module):
             drop_style=drop_style,
             drop_text=drop_text,
         )  # (N, C, h, w)
-        terms = {"eps": epsilon_mse(eps_pred, noise)}
-        colour, colour_mask = self._colour_terms(images, x_t, eps_pred, alpha_bar, timesteps, generator, step)
+        sched = self.cfg.schedule
+        v_pred = sched.prediction_type == "v_prediction"
+        mse = epsilon_mse(pred, v_target(x0, noise, alpha_bar) if v_pred else noise)  # (N,)
+        if sched.loss_weighting == "min_snr":
+            mse = mse * min_snr_weight(alpha_bar, sched.min_snr_gamma, sched.prediction_type)
+        terms = {"eps": mse}
+        x0_hat_fn = x0_from_v if v_pred else predict_x0
+        colour, colour_mask = self._colour_terms(
+            images, x_t, pred, x0_hat_fn, alpha_bar, timesteps, generator, step
+        )
         terms["colour"], terms["colour_mask"] = colour, colour_mask
         return terms
 
@@ -783,7 +842,8 @@ class Generator(nn.Module):
         self,
         images: torch.Tensor,
         x_t: torch.Tensor,
-        eps_pred: torch.Tensor,
+        pred: torch.Tensor,
+        x0_hat_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         alpha_bar: torch.Tensor,
         timesteps: torch.Tensor,
         generator: torch.Generator,
@@ -801,7 +861,7 @@ class Generator(nn.Module):
             idx = idx[: cc.decode_max_images]  # decoding at 512 px costs ~2 DiT forwards per image
         if idx.numel() == 0:
             return colour, mask
-        x0_hat = predict_x0(x_t[idx], eps_pred[idx], alpha_bar[idx])  # (n, C, h, w)
+        x0_hat = x0_hat_fn(x_t[idx], pred[idx], alpha_bar[idx])  # (n, C, h, w)
         target = images[idx].float()  # (n, 3, H, W)
         if self.vae is not None:
             side = x0_hat.shape[-1]

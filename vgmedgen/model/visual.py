@@ -81,6 +81,12 @@ class VisualConfig(StrictConfig):
     unet_res_units: int = Field(2, ge=0)
     style_widths: tuple[int, ...] = Field((16, 32, 64, 128), min_length=1)
     style_hidden: int = Field(32, ge=1, description="width of the layer between pooling and mu/logvar")
+    style_pool: Literal["global", "regions"] = Field(
+        "global",
+        description="global (reference): the style encoder sees its conv features averaged over the "
+        "image; regions (ours): also the mean and std of the image's RGB inside each anatomy "
+        "channel, so that a small region's colour (a lesion's pigment) is not averaged away by the skin",
+    )
     segmentor_width: int = Field(64, ge=1)
     decoder_widths: tuple[int, ...] = Field((128, 64, 32), min_length=1)
     gumbel_tau: float = Field(1.0, gt=0.0)
@@ -152,15 +158,21 @@ VISUAL_PRESETS: dict[str, VisualConfig] = {
         segmentor_width=16,
         decoder_widths=(16, 16),
     ),
-    # The CPU demo at 32-128 px (total stride 8).
+    # The CPU demo at 32-128 px (total stride 8). Region pooling and a 10x smaller KL weight, so that
+    # the style prior carries the lesion's pigment: a linear probe (3,000 train / 600 val records,
+    # 5 pigments, majority class 0.40) read it from the 300-step prior at 0.43 with the reference's
+    # global pool and KL 0.01, 0.48 with region pooling, 0.52 with KL 0.001 (0.48 at 0.0001), and
+    # 0.63 after 900 steps; skin tone stayed at 0.93 throughout.
     "demo": VisualConfig(
         unet_channels=(16, 32, 64, 128),
         unet_strides=(2, 2, 2),
         unet_res_units=2,
         style_widths=(16, 32, 64, 128),
         style_hidden=32,
+        style_pool="regions",
         segmentor_width=32,
         decoder_widths=(64, 32, 32),
+        kl_weight=0.001,
     ),
     # The paper's setting at 512 px on a GPU (reference widths: ndf 64, decoder 128-64-32).
     "pixart-512": VisualConfig(
@@ -343,6 +355,12 @@ class StyleEncoder(nn.Module):
     Strided convolutions then a global average pool, so any input size works (the reference
     flattens into a ``Linear(25088, 32)`` that fixes 224 px). No normalisation layers: instance
     or group norm would subtract the per-image colour statistics that *are* the style.
+
+    With ``style_pool='regions'`` the pooled features are joined by the mean and standard deviation
+    of the image's channels inside each anatomy channel (the map's values as weights): AdaIN
+    statistics per region. A global pool sees a lesion covering 5 % of the image through 5 % of
+    its features, next to the skin's 95 %; measured on the demo (32 px, 300 stage-1 steps), a
+    linear probe read the pigment from the global-pool prior no better than the majority class.
     """
 
     def __init__(self, config: VisualConfig) -> None:
@@ -353,14 +371,33 @@ class StyleEncoder(nn.Module):
             layers += [nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
             in_ch = width
         self.convs = nn.Sequential(*layers)
+        self.regions = config.style_pool == "regions"
+        if self.regions:
+            in_ch += 2 * config.image_channels * config.anatomy_channels
         self.fc = nn.Sequential(nn.Linear(in_ch, config.style_hidden), nn.LeakyReLU(0.03, inplace=True))
         self.mu = nn.Linear(config.style_hidden, config.style_size)
         self.logvar = nn.Linear(config.style_hidden, config.style_size)
 
+    @staticmethod
+    def region_stats(images: Tensor, anatomy: Tensor) -> Tensor:
+        """Weighted mean and std of each image channel inside each anatomy channel: (N, 2*K*C).
+
+        An empty channel gives mean 0 and std 0 (its weight sum is clamped, not divided by zero).
+        """
+        w = anatomy.float().flatten(2)  # (N, K, HW)
+        x = images.float().flatten(2)  # (N, C, HW)
+        mass = w.sum(dim=2, keepdim=True).clamp(min=1.0)  # (N, K, 1): at least one pixel's weight
+        mean = torch.einsum("nkp,ncp->nkc", w, x) / mass  # (N, K, C)
+        sq = torch.einsum("nkp,ncp->nkc", w, x * x) / mass  # (N, K, C)
+        std = (sq - mean * mean).clamp(min=0.0).add(1e-6).sqrt()  # (N, K, C)
+        return torch.cat([mean, std], dim=2).flatten(1)  # (N, 2*K*C)
+
     def forward(self, images: Tensor, anatomy: Tensor) -> tuple[Tensor, Tensor]:
         """``(N, C, H, W), (N, K, H, W) -> mu (N, S), logvar (N, S)``."""
-        x = self.convs(torch.cat([images, anatomy], dim=1))  # (N, W_last, H', W')
-        x = self.fc(x.mean(dim=(2, 3)))  # (N, style_hidden)
+        x = self.convs(torch.cat([images, anatomy], dim=1)).mean(dim=(2, 3))  # (N, W_last)
+        if self.regions:
+            x = torch.cat([x, self.region_stats(images, anatomy)], dim=1)  # (N, W_last + 2*K*C)
+        x = self.fc(x)  # (N, style_hidden)
         # The clamp only guards exp(logvar) against overflow from a bad step early in training.
         return self.mu(x), self.logvar(x).clamp(-10.0, 10.0)
 
