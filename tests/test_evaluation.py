@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -265,7 +264,7 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     assert "/nonexistent/version" in capsys.readouterr().err
 
 
-def test_coordinate_channels_are_appended_and_saved():
+def test_coordinate_channels_are_appended_and_saved(tmp_path: Path) -> None:
     from vgmedgen.model.domain_nets import DomainClassifier
 
     net = DomainClassifier(
@@ -280,7 +279,7 @@ def test_coordinate_channels_are_appended_and_saved():
     # the config (and so the coordinate maps) travels with the saved network
     from vgmedgen.model.domain_nets import load_domain_net, save_domain_net
 
-    path = Path(tempfile.mkdtemp()) / "net.safetensors"
+    path = tmp_path / "net.safetensors"
     save_domain_net(net, path)
     back = load_domain_net(path)
     assert back.config.coord_channels and torch.equal(back.features(back.prepare(img)), net.features(x))

@@ -17,7 +17,7 @@ sample, A anatomy width, S style width, L caption tokens, B BERT width, D backbo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -831,19 +831,21 @@ class Generator(nn.Module):
         if sched.loss_weighting == "min_snr":
             mse = mse * min_snr_weight(alpha_bar, sched.min_snr_gamma, sched.prediction_type)
         terms = {"eps": mse}
-        x0_hat_fn = x0_from_v if v_pred else predict_x0
-        colour, colour_mask = self._colour_terms(
-            images, x_t, pred, x0_hat_fn, alpha_bar, timesteps, generator, step
-        )
+        colour, colour_mask = self._colour_terms(images, x_t, pred, alpha_bar, timesteps, generator, step)
         terms["colour"], terms["colour_mask"] = colour, colour_mask
         return terms
+
+    def _x0_estimate(self, x_t: torch.Tensor, pred: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """One-step clean estimate from the network's own prediction (epsilon or v); differentiable."""
+        if self.cfg.schedule.prediction_type == "v_prediction":
+            return x0_from_v(x_t, pred, alpha_bar)
+        return predict_x0(x_t, pred, alpha_bar)
 
     def _colour_terms(
         self,
         images: torch.Tensor,
         x_t: torch.Tensor,
         pred: torch.Tensor,
-        x0_hat_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         alpha_bar: torch.Tensor,
         timesteps: torch.Tensor,
         generator: torch.Generator,
@@ -861,7 +863,7 @@ class Generator(nn.Module):
             idx = idx[: cc.decode_max_images]  # decoding at 512 px costs ~2 DiT forwards per image
         if idx.numel() == 0:
             return colour, mask
-        x0_hat = x0_hat_fn(x_t[idx], pred[idx], alpha_bar[idx])  # (n, C, h, w)
+        x0_hat = self._x0_estimate(x_t[idx], pred[idx], alpha_bar[idx])  # (n, C, h, w)
         target = images[idx].float()  # (n, 3, H, W)
         if self.vae is not None:
             side = x0_hat.shape[-1]

@@ -37,7 +37,7 @@ from vgmedgen.platform.training.classify import (
     predict,
     segment,
 )
-from vgmedgen.platform.training.runner import _hash
+from vgmedgen.platform.training.runner import stable_hash
 
 __all__ = ["DownstreamResult", "plan_draws", "run_downstream", "subset_records"]
 
@@ -56,7 +56,7 @@ def subset_records(records_dir: Path, per_class: int, seed: int, out_root: Path)
         keep[rng.permutation(rows)[:per_class]] = True
     out = (
         out_root
-        / f"lowdata-{per_class}-{seed}-{_hash(sorted(p.name for p in Path(records_dir).glob('*.parquet')))}"
+        / f"lowdata-{per_class}-{seed}-{stable_hash(sorted(p.name for p in Path(records_dir).glob('*.parquet')))}"
     )
     if not (out / "part-00000.parquet").is_file():
         tmp = out.parent / f".{out.name}.tmp"
@@ -201,7 +201,7 @@ def run_downstream(
         out = (
             storage
             / "synthetic"
-            / f"{origin}-{plan}-{_hash([records_dir.name, seed, draws.tolist(), sampler and sampler.model_dump()])}"
+            / f"{origin}-{plan}-{stable_hash([records_dir.name, seed, draws.tolist(), sampler and sampler.model_dump()])}"
         )
         if not (out / "part-00000.parquet").is_file():
             picked = rows.take(draws)

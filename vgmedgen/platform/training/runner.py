@@ -25,7 +25,7 @@ from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.training.config import STAGE_SCORES, STAGES
 
-__all__ = ["StageResult", "StageInputError", "run_stage", "stage_run_name", "PARTS"]
+__all__ = ["StageResult", "StageInputError", "run_stage", "stage_run_name", "stable_hash", "PARTS"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class StageResult:
     mlflow_run_id: str | None = None
 
 
-def _hash(obj: Any) -> str:
+def stable_hash(obj: Any) -> str:
+    """A short, stable hash of a JSON-serialisable object (keys sorted): run names and cache keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -58,8 +59,8 @@ def dir_fingerprint(directory: Path) -> str:
     """A hash of a stage export's manifest (content hashes) or, lacking one, of its file names and sizes."""
     manifest = directory / "manifest.json"
     if manifest.is_file():
-        return _hash(manifest.read_text())
-    return _hash(
+        return stable_hash(manifest.read_text())
+    return stable_hash(
         sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file())
     )
 
@@ -80,8 +81,8 @@ def stage_identity(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
 
 
 def stage_run_name(cfg: ExperimentConfig, stage: str, inputs: dict[str, Path]) -> str:
-    in_hash = _hash({k: dir_fingerprint(v) for k, v in sorted(inputs.items())}) if inputs else "none"
-    return f"{cfg.name}-{stage}-{_hash(stage_identity(cfg, stage))}-{in_hash}"
+    in_hash = stable_hash({k: dir_fingerprint(v) for k, v in sorted(inputs.items())}) if inputs else "none"
+    return f"{cfg.name}-{stage}-{stable_hash(stage_identity(cfg, stage))}-{in_hash}"
 
 
 def run_stage(
@@ -132,7 +133,7 @@ def run_stage(
             key=name,
             name=f"{stage}",
             parent_id=parent_run_id,
-            tags={"stage": stage, "config_hash": _hash(stage_identity(cfg, stage))},
+            tags={"stage": stage, "config_hash": stable_hash(stage_identity(cfg, stage))},
         )
     if done_file.is_file():
         done = json.loads(done_file.read_text())
