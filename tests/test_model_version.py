@@ -306,6 +306,11 @@ def test_derived_widths_follow_the_visual_and_text_configs() -> None:
     assert cfg.generator.hffm.text_width == cfg.text.encoder_hidden == 32
     area = ModelConfig.model_validate({"preset": "tiny", "visual": {"anatomy_channels": 5, "prior": "area"}})
     assert area.text.anatomy_dim == area.generator.hffm.anatomy_dim == 5
+    coloured = ModelConfig.model_validate({"preset": "tiny", "visual": {"style_prior": "mu_colour"}})
+    assert (
+        coloured.text.style_dim == coloured.generator.hffm.style_dim == 8 + 4 * 3
+    )  # mu, then colour moments
+    assert ModelConfig.model_validate({"preset": "demo"}).generator.hffm.style_dim == 20
     wide = ModelConfig.model_validate({"preset": "tiny", "text": {"encoder_hidden": 64, "encoder_heads": 4}})
     assert wide.generator.hffm.text_width == 64
     # Giving the derived value itself is allowed.

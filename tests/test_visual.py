@@ -16,6 +16,7 @@ from vgmedgen.model.visual import (
     VisualDisentangler,
     VisualInputError,
     area_prior,
+    colour_moments,
     gumbel_one_hot,
     moments_prior,
     region_moments,
@@ -162,6 +163,36 @@ def test_region_style_pool_sees_a_small_region_colour() -> None:
     mu, logvar = model.encode_style(images, torch.zeros(2, 8, 32, 32))
     assert mu.shape == logvar.shape == (2, 8)
     assert model.style_encoder.fc[0].in_features == 32 + 2 * 3 * 8
+
+
+def test_colour_moments_and_the_mu_colour_style_prior() -> None:
+    # A 2x2 lesion of colour (1, 0, -1) on a 4x4 image of colour (0.5, 0.5, 0.5), one lesion pixel
+    # brighter in the red channel: means and stds inside and outside the mask, in that order.
+    img = torch.full((1, 3, 4, 4), 0.5)
+    img[0, :, :2, :2] = torch.tensor([1.0, 0.0, -1.0]).view(3, 1, 1)
+    img[0, 0, 0, 0] = 0.6
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1.0
+    out = colour_moments(img, mask).view(2, 2, 3)  # (lesion|rest, mean|std, C)
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.9, 0.0, -1.0]))
+    torch.testing.assert_close(out[0, 1], torch.tensor([math.sqrt(0.03), 0.0, 0.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[1, 0], torch.full((3,), 0.5))
+    torch.testing.assert_close(out[1, 1], torch.zeros(3), atol=1e-3, rtol=0)
+    # An empty mask gives zeros for the lesion, not NaN.
+    empty = colour_moments(img, torch.zeros(1, 1, 4, 4)).view(2, 2, 3)
+    torch.testing.assert_close(empty[0], torch.tensor([[0.0] * 3, [1e-3] * 3]))  # std = sqrt(0 + 1e-6)
+    # The model's style prior: mu first (the same numbers as the plain prior), then the colour
+    # moments of the image in its own binarised pseudo-mask; the width is derived in the config.
+    images, _ = disc_batch(3, 32)
+    plain, coloured = make_model().eval(), make_model(style_prior="mu_colour").eval()
+    assert coloured.config.style_prior_dim == 8 + 12 and plain.config.style_prior_dim == 8
+    a_plain, s_plain = plain.priors(images)
+    a_col, s_col = coloured.priors(images)
+    assert s_col.shape == (3, 20)
+    torch.testing.assert_close(a_col, a_plain)
+    torch.testing.assert_close(s_col[:, :8], s_plain)
+    pseudo = (coloured.segment(images) > 0.5).float()
+    torch.testing.assert_close(s_col[:, 8:], colour_moments(images, pseudo))
 
 
 def test_512_px_and_the_pixart_preset() -> None:
