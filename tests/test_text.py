@@ -319,3 +319,63 @@ def test_short_training_run_aligns_heads(encoder_dir: Path) -> None:
         opt.step()
         totals.append(float(terms["total"].detach().mean()))
     assert totals[-1] < 0.5 * totals[0], (totals[0], totals[-1])
+
+
+# -- standardized priors ----------------------------------------------------------------------------
+
+
+def test_standardized_heads_map_back_to_the_priors_space_and_save_their_statistics(
+    encoder_dir: Path, tmp_path: Path
+) -> None:
+    from vgmedgen.model.vgmedgen import load_text, save_text
+
+    plain = make_model(encoder_dir)
+    assert not any("_mean" in k or "_std" in k for k in plain.heads.state_dict())  # reference keys only
+    with pytest.raises(RuntimeError, match="standardize_priors"):
+        plain.heads.init_standardization(torch.zeros(2, 36), torch.zeros(2, 8))
+    model = make_model(encoder_dir, standardize_priors=True).eval()
+    g = torch.Generator().manual_seed(0)
+    a_img = torch.rand(64, 36, generator=g)
+    s_img = torch.randn(64, 8, generator=g) * torch.logspace(-2, 2, 8)  # spreads from 0.01 to 100
+    model.heads.init_standardization(a_img, s_img)
+    torch.testing.assert_close(model.heads.style_std, s_img.std(0))
+    e = model.encoder.encode(CAPTIONS)[0]
+    t_a, t_s = model.heads(e)
+    torch.testing.assert_close(t_s, s_img.mean(0) + s_img.std(0) * model.heads.style_head(e))
+    torch.testing.assert_close(model.heads.standardize(t_a, t_s)[1], model.heads.style_head(e))
+    # The losses are taken between standardized vectors.
+    terms = model.step_losses(CAPTIONS, None, None, a_img[:4], s_img[:4])
+    z_s = (s_img[:4] - s_img.mean(0)) / s_img.std(0)
+    torch.testing.assert_close(terms["mse_style"], (model.heads.style_head(e) - z_s).pow(2).mean(dim=1))
+    # The statistics travel with the saved heads.
+    save_text(model, tmp_path / "text")
+    loaded = load_text(tmp_path / "text", model.config).eval()
+    torch.testing.assert_close(loaded.heads.style_mean, model.heads.style_mean, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(CAPTIONS).t_s, model(CAPTIONS).t_s)
+
+
+def test_standardized_alignment_learns_a_small_feature_the_plain_one_leaves_at_the_mean(
+    encoder_dir: Path,
+) -> None:
+    # Two style features per caption: a large one (spread ~10, like the style mean mu) and a small one
+    # (spread ~0.05, like a lesion's mean colour) that differs between the captions. Same steps and lr.
+    g = torch.Generator().manual_seed(1)
+    s_img = torch.stack([torch.randn(4, generator=g) * 10, torch.tensor([0.05, -0.05, 0.08, -0.08])], dim=1)
+    s_img = torch.cat([s_img, torch.zeros(4, 6)], dim=1)  # (4, 8)
+    a_img = torch.rand(4, 36, generator=g)
+    errors = {}
+    for standardize in (False, True):
+        model = make_model(encoder_dir, lr=1e-2, standardize_priors=standardize, head_dropout=0.0).train()
+        if standardize:
+            # The statistics come from many records in training; here from the 4 targets, repeated.
+            model.heads.init_standardization(a_img.repeat(8, 1), s_img.repeat(8, 1))
+        opt = model.make_optimizer()
+        for _ in range(200):  # measured: relative errors 0.85 (plain, wrong signs) and 0.05 (standardized)
+            opt.zero_grad()
+            model.step_losses(CAPTIONS, None, None, a_img, s_img)["total"].mean().backward()
+            opt.step()
+        t_s = model.split(CAPTIONS)[1]
+        # Error on the small feature relative to its own spread among the captions.
+        errors[standardize] = float((t_s[:, 1] - s_img[:, 1]).abs().mean() / s_img[:, 1].abs().mean())
+    assert errors[True] < 0.25, errors
+    assert errors[False] > 2 * errors[True], errors

@@ -73,6 +73,20 @@ class _Base:
             self._train_data = RecordArrays.load(self.cfg.records_dir, "train")
         return self._train_data
 
+    @torch.no_grad()
+    def _prior_sample(self, visual: nn.Module, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual priors ``(M, A), (M, S)`` of the first ``rows`` training images: the same rows on every
+        worker, so DDP replicas start equal (a resumed run then loads its checkpoint over what they set)."""
+        data = self._train_data or RecordArrays.load(self.cfg.records_dir, "train", limit=rows)
+        n = min(rows, len(data))
+        pa, ps = [], []
+        for start in range(0, n, 256):
+            b = data.batch(np.arange(start, min(start + 256, n)), self.device)
+            a, s = visual.priors(b["image"])
+            pa.append(a)
+            ps.append(s)
+        return torch.cat(pa), torch.cat(ps)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
@@ -160,6 +174,8 @@ class AlignTask(_Base):
             cfg.seed + 1, lambda: TextDisentangler.from_config(cfg.model.text, encoder_dir)
         ).to(device)
         self.module.train()
+        if cfg.model.text.standardize_priors:
+            self.module.heads.init_standardization(*self._prior_sample(self.visual))
         self.loss_module = _LossModule(
             self.module,
             lambda m, b, pa, ps: m.step_losses(b["caption"], b["anatomy_text"], b["style_text"], pa, ps),
@@ -221,19 +237,11 @@ class DitTask(_Base):
         self.loss_module = _LossModule(self.module, self._terms)
 
     @torch.no_grad()
-    def _init_standardization(self, rows: int = 2048) -> None:
-        """ActNorm of the stream vectors from the visual priors of the first ``rows`` training images (the
-        same rows on every worker, so DDP replicas start equal; a resumed run then loads its checkpoint)."""
-        data = self._train_data or RecordArrays.load(self.cfg.records_dir, "train", limit=rows)
-        n = min(rows, len(data))
-        pa, ps = [], []
-        for start in range(0, n, 256):
-            b = data.batch(np.arange(start, min(start + 256, n)), self.device)
-            a, s = self.visual.priors(b["image"])
-            pa.append(a)
-            ps.append(s)
-        self.module.hffm.anatomy.init_standardization(torch.cat(pa))
-        self.module.hffm.style.init_standardization(torch.cat(ps))
+    def _init_standardization(self) -> None:
+        """ActNorm of the stream vectors from the visual priors of the first training images."""
+        prior_a, prior_s = self._prior_sample(self.visual)
+        self.module.hffm.anatomy.init_standardization(prior_a)
+        self.module.hffm.style.init_standardization(prior_s)
 
     def _conditions(self, batch: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():
