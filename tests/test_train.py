@@ -12,12 +12,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from vgmedgen.model.configbase import ConfigError
+from vgmedgen.model.text import TextEncoder
 from vgmedgen.model.vgmedgen import VGMedGen
 from vgmedgen.platform.cluster import ClusterError, probe_address
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.prepare import prepare_records
 from vgmedgen.platform.tracking import Tracker
-from vgmedgen.platform.training.pipeline import train_experiment
+from vgmedgen.platform.training.pipeline import ensure_text_encoder, train_experiment
 from vgmedgen.platform.training.runner import StageInputError, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -43,7 +44,14 @@ def _cfg(root: Path, *extra: str):
 
 
 def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: Path, capsys):
-    cfg = _cfg(output_root)
+    # The demo preset's stage-1/2 options, through DDP: colour moments in the style prior, a text encoder
+    # that trains with its heads, heads on standardized priors.
+    demo_options = (
+        "model.visual.style_prior=mu_colour",
+        "model.text.frozen=false",
+        "model.text.standardize_priors=true",
+    )
+    cfg = _cfg(output_root, *demo_options)
     summary = train_experiment(cfg)
     assert [r.stage for r in summary.stages] == ["visual", "align", "dit"] and all(
         r.trained for r in summary.stages
@@ -85,6 +93,13 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
     images, masks = model.generate(cond, [3], sampler=cfg.model.sampler.model_copy(update={"num_steps": 2}))
     assert images.shape == (1, 3, 16, 16) and masks.shape == (1, 1, 16, 16)
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    # the style prior is mu + 12 colour moments; the heads carry the training priors' statistics; the
+    # encoder saved with the version is the trained one, not the one `prepare` built
+    assert model.text.config.style_dim == 8 + 12 and model.text.heads.style_std.shape == (20,)
+    assert not torch.equal(model.text.heads.style_std, torch.ones(20))
+    built = TextEncoder.from_pretrained(ensure_text_encoder(cfg), max_length=cfg.model.text.max_length)
+    trained = dict(model.text.encoder.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in built.named_parameters())
 
     # re-submitting the finished job trains nothing and says so
     again = train_experiment(cfg)

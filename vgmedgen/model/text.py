@@ -118,8 +118,8 @@ TEXT_PRESETS: dict[str, TextConfig] = {
     "tiny": TextConfig(
         max_length=48, encoder_hidden=32, encoder_layers=2, encoder_heads=2, head_hidden=64, batch_size=16
     ),
-    # The CPU demo: a small random BERT, frozen, built by `prepare` from the training captions.
-    # Its encoder trains with the heads (frozen=False): a random encoder's mean-pooled embedding barely
+    # The CPU demo: a small random BERT built by `prepare` from the training captions, trained with the
+    # heads (frozen=False; frozen is the default elsewhere): a random encoder's mean-pooled embedding barely
     # moves when one word of a caption changes, and the frozen one left the rare pigments (black, pink,
     # blue-grey: 2 % of the records each) at the population mean (t_s pigment probe 0.80; 1.00 trained).
     "demo": TextConfig(

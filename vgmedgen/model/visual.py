@@ -175,7 +175,8 @@ VISUAL_PRESETS: dict[str, VisualConfig] = {
     # global pool and KL 0.01, 0.48 with region pooling, 0.52 with KL 0.001 (0.48 at 0.0001), and
     # 0.63 after 900 steps; skin tone stayed at 0.93 throughout. The colour moments of the lesion
     # (style_prior=mu_colour) read the pigment at 0.93 after 900 steps (skin tone 0.99), and the
-    # text heads' t_s from the style text at 0.80 (0.62 with mu alone).
+    # text heads' t_s from the style text at 0.80 with a frozen text encoder (0.62 with mu alone) and
+    # 1.00 with the encoder trained (the demo text preset).
     "demo": VisualConfig(
         unet_channels=(16, 32, 64, 128),
         unet_strides=(2, 2, 2),
