@@ -12,8 +12,9 @@ training step against a large fp32 matmul measured in this process.
 
 --threads defaults to the machine's cores minus one: a Ray node's own processes (raylet, GCS, the Train
 controller's health checks) need some CPU, and when the torch threads hold every core the OpenMP team
-stalls whenever one of them is preempted. Measured on a 2-core box (3 pairs each): 1 thread each, median
-ratio 1.006 (pairs 0.913 / 1.006 / 1.060); 2 threads each, 0.861 (0.737 / 0.861 / 1.126).
+stalls whenever one of them is preempted. Measured on a 2-core box (3 pairs per run): 1 thread each,
+median ratio 1.006 (pairs 0.913 / 1.006 / 1.060, 40 steps) and 0.937 (0.874 / 1.079 / 0.937, 30 steps),
+all 6 pairs: median 0.97; 2 threads each, 0.861 (0.737 / 0.861 / 1.126, 60 steps).
 """
 
 from __future__ import annotations
