@@ -94,13 +94,28 @@ def batch_indices(n: int, global_batch: int, seed: int, micro_step: int, rank: i
     return perm[take][rank::world]
 
 
+def _stream_seed(seed: int, micro_step: int, rank: int, stream: int) -> int:
+    return int(np.random.default_rng([seed, micro_step, rank, stream]).integers(0, 2**62))
+
+
 def step_generator(
     seed: int, micro_step: int, rank: int, device: torch.device | str = "cpu"
 ) -> torch.Generator:
     """The random stream of one rank's micro-batch (noise, timesteps, dropout): a pure function of its inputs."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.default_rng([seed, micro_step, rank, 7]).integers(0, 2**62)))
+    g.manual_seed(_stream_seed(seed, micro_step, rank, 7))
     return g
+
+
+def seed_global_rng(seed: int, micro_step: int, rank: int) -> None:
+    """Seed torch's global RNG (CPU and CUDA) for one rank's micro-batch.
+
+    ``nn.Dropout`` (the text heads', a trained BERT's) draws from the global RNG, not from a generator
+    the loop can pass. Seeding it per micro-step makes those draws a pure function of (seed, micro step,
+    rank) too: a resumed run repeats them exactly whatever ran before, and ranks draw different masks
+    instead of all starting from torch's one default seed. A different stream from ``step_generator``.
+    """
+    torch.manual_seed(_stream_seed(seed, micro_step, rank, 11))
 
 
 def decode_record_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

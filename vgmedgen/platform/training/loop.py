@@ -2,10 +2,11 @@
 
 Stage-specific work lives in a :class:`StageTask` (``stages.py``): which parameters train, the
 loss of a batch, validation, and the exported artefacts. This loop owns everything shared:
-deterministic batches, gradient accumulation, clipping, the LR schedule, bf16 autocast on CUDA,
-checkpoints (model, EMA, optimizer, step, RNG) and resume, fault injection, progress lines, and
-metrics that reach MLflow exactly once per step (buffered until the checkpoint that makes them
-durable, so a restart never logs a step twice).
+deterministic batches and random draws (torch's global RNG too, re-seeded per micro-batch),
+gradient accumulation, clipping, the LR schedule, bf16 autocast on CUDA, checkpoints (model, EMA,
+optimizer, step, RNG) and resume, fault injection, progress lines, and metrics that reach MLflow
+exactly once per step (buffered until the checkpoint that makes them durable, so a restart never
+logs a step twice).
 
 Ray calls are marked ``# RAY``.
 """
@@ -24,7 +25,7 @@ import torch
 
 from vgmedgen.platform.checkpoint import load_state, rng_state, save_state, set_rng_state
 from vgmedgen.platform.training.config import StageTrainConfig
-from vgmedgen.platform.training.data import batch_indices, step_generator
+from vgmedgen.platform.training.data import batch_indices, seed_global_rng, step_generator
 
 __all__ = ["StageTask", "TrainContext", "train_loop"]
 
@@ -112,6 +113,9 @@ def train_loop(
 ) -> dict[str, float]:
     """Run (or resume) one stage to ``cfg.steps`` optimiser steps.
 
+    Torch's global RNG is re-seeded from (seed, micro step, rank) before every micro-batch (dropout draws
+    from it) and restored to the caller's state on return.
+
     Args:
         task: the stage.
         cfg: its optimisation settings.
@@ -128,6 +132,33 @@ def train_loop(
     Returns:
         The last step's metrics.
     """
+    fork = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork):
+        return _train_loop(
+            task,
+            cfg,
+            seed,
+            ctx,
+            device,
+            metrics_sink=metrics_sink,
+            export_dir=export_dir,
+            fault_marker=fault_marker,
+            batch_source=batch_source,
+        )
+
+
+def _train_loop(
+    task: StageTask,
+    cfg: StageTrainConfig,
+    seed: int,
+    ctx: TrainContext,
+    device: torch.device,
+    *,
+    metrics_sink: Any,
+    export_dir: Path | None,
+    fault_marker: Path | None,
+    batch_source: Any,
+) -> dict[str, float]:
     params = task.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg)
@@ -177,6 +208,7 @@ def train_loop(
             else:
                 batch = batch_source(micro_step, device)
             gen = step_generator(seed, micro_step, ctx.rank, device)
+            seed_global_rng(seed, micro_step, ctx.rank)
             with _autocast(cfg, device):
                 losses = task.loss(batch, gen)
             (losses["total"] / cfg.grad_accum).backward()
