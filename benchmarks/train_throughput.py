@@ -14,9 +14,10 @@ achieved FLOP/s of a training step against a large fp32 matmul measured in this 
 --threads defaults to the machine's cores minus one: a Ray node's own processes (raylet, GCS, the Train
 controller, its preemption watcher, placement-group cleaner and synchronisation actors) take 10-15 % of
 a core between them, and when the torch threads hold every core the OpenMP team stalls whenever one of
-them is preempted. Measured on a 2-core box: 1 thread each, 14 pairs over two days (30-40 steps):
-0.851-1.088, mean 0.979 +- 0.020, median 0.968; the fastest step of each run (what Ray adds to an
-undisturbed step) 0.97-1.04 of the in-process one. 2 threads each: 0.861 median of 3 pairs
+them is preempted. Measured on a 2-core box, 1 thread each: the default run (5 pairs, 30 steps)
+1.075 / 1.253 / 1.025 / 0.919 / 0.997, mean 1.054 +- 0.056, median 1.025; all 19 pairs over two days
+(30-40 steps) 0.851-1.253, mean 0.999 +- 0.022, median 0.997; the fastest step of each run (what Ray
+adds to an undisturbed step) 0.97-1.04 of the in-process one. 2 threads each: 0.861 median of 3 pairs
 (0.737 / 0.861 / 1.126, 60 steps), single runs 0.815-0.881.
 """
 
