@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import io
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +134,31 @@ def test_resumed_run_repeats_the_undisturbed_runs_draws_and_weights(tmp_path: Pa
     assert all(torch.equal(resumed.masks[s], clean.masks[s]) for s in (3, 4, 5))
     final = resumed.model.state_dict()
     assert all(torch.equal(p, final[name]) for name, p in clean.model.state_dict().items())
+
+
+def test_progress_lines_print_once_under_ray_trains_print_patch(tmp_path: Path, monkeypatch) -> None:
+    # A Ray Train worker: print patched by Train (log through the root logger's console handler, and
+    # print too when sys.stdout is wrapped, which a Ray worker's always is).
+    from ray.train.v2._internal.logging import patch_print
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    monkeypatch.setattr(builtins, "print", patch_print.redirected_print)
+    root, handler = logging.getLogger(), logging.StreamHandler(stream)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        print("a line through the patched print")
+        _run(_DropoutTask(), tmp_path)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    out = stream.getvalue().splitlines()
+    assert out.count("a line through the patched print") == 2  # the patch this guards against is active
+    progress = [line for line in out if line.startswith("[probe] step")]
+    assert [line.split(" loss")[0] for line in progress] == [
+        "[probe] step 1/6",
+        "[probe] step 3/6",
+        "[probe] step 6/6",
+    ]

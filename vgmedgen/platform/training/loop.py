@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -234,10 +235,9 @@ def _train_loop(
             pending.append((step, metrics))
             if (step + 1) % cfg.log_every == 0 or last or step == start:
                 eta = elapsed / (step + 1 - start) * (cfg.steps - step - 1)
-                print(
+                _progress(
                     f"[{task.name}] step {step + 1}/{cfg.steps} loss {terms['total']:.4f} "
-                    f"{metrics[f'{task.name}/samples_per_s']:.1f} samples/s ETA {_fmt(eta)}",
-                    flush=True,
+                    f"{metrics[f'{task.name}/samples_per_s']:.1f} samples/s ETA {_fmt(eta)}"
                 )
             if (
                 metrics_sink is not None
@@ -275,6 +275,18 @@ def _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink) -> 
         ctx.report({"step": step, **_finite(metrics)}, d if ctx.rank == 0 else None)
     if ctx.rank == 0 and metrics_sink is not None and pending:
         metrics_sink(pending)
+
+
+def _progress(line: str) -> None:
+    """One progress line on stdout: the terminal in-process, the worker's log under Ray (which Ray
+    forwards to the driver, `ray job logs` and the dashboard).
+
+    Not ``print``: Ray Train 2.60 patches ``print`` in its workers to log the line through Train's
+    console handler *and*, because a Ray worker's ``sys.stdout`` is Ray's own wrapper rather than
+    ``sys.__stdout__``, to print it as well, so every line appeared twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _peak_rss_mb() -> float:
