@@ -5,15 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from vgmedgen.platform.records import (
     RECORD_SCHEMA,
     RecordError,
+    decode_images,
+    decode_masks,
     decode_png,
     encode_png,
     read_records,
+    read_split,
     records_to_table,
 )
+from vgmedgen.platform.training.data import RecordArrays
 
 
 def _row(i: int, split: str = "train", group: str | None = None) -> dict:
@@ -75,3 +80,35 @@ def test_non_png_and_missing_column_rejected():
 def test_missing_records_dir_says_how_to_make_it(tmp_path):
     with pytest.raises(RecordError, match="jobs/prepare.py"):
         read_records(tmp_path / "nothing")
+
+
+def test_read_split_and_decoding(tmp_path):
+    splits = ["train", "val", "train", "train", "val"]
+    pq.write_table(
+        records_to_table([_row(i, s) for i, s in enumerate(splits)]), tmp_path / "part-00000.parquet"
+    )
+    train = read_split(tmp_path, "train", ["id", "mask"])
+    assert train.column("id").to_pylist() == ["r0", "r2", "r3"] and "split" in train.column_names
+    assert read_split(tmp_path, "train", limit=2).column("id").to_pylist() == ["r0", "r2"]
+    with pytest.raises(ValueError, match="no rows in split 'test'"):
+        read_split(tmp_path, "test")
+    images = decode_images(read_split(tmp_path, "val").column("image").to_pylist())
+    assert images.dtype == np.uint8 and images.shape == (2, 8, 8, 3) and images[1, 0, 0, 0] == 4
+    masks, has = decode_masks(train.column("mask").to_pylist())  # r0 has none, r3 has one: size from r3
+    assert masks.dtype == bool and masks.shape == (3, 8, 8) and has.tolist() == [False, False, True]
+    assert not masks[0].any() and masks[2].sum() == 9
+
+
+def test_record_arrays_hold_uint8_and_batch_floats(tmp_path):
+    pq.write_table(records_to_table([_row(v) for v in (1, 60, 121, 180)]), tmp_path / "part-00000.parquet")
+    arrays = RecordArrays.load(tmp_path, "train")
+    assert arrays.images.dtype == torch.uint8 and arrays.images.shape == (4, 3, 8, 8)
+    assert arrays.masks.dtype == torch.bool and arrays.masks.shape == (4, 1, 8, 8)
+    batch = arrays.batch(np.array([3, 0]))
+    assert batch["image"].dtype == torch.float32
+    # the same float32 arithmetic as converting the whole split up front
+    expected = torch.tensor([[180] * 3, [1] * 3], dtype=torch.uint8).float().div(127.5).sub(1.0)
+    assert torch.equal(batch["image"][:, :, 0, 0], expected)
+    assert batch["mask"].dtype == torch.float32 and set(batch["mask"].unique().tolist()) == {0.0, 1.0}
+    assert batch["mask"][0].sum() == 0 and batch["mask"][1].sum() == 9  # row 3 has no mask, row 0 a 3x3 one
+    assert batch["has_mask"].tolist() == [False, True]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -22,11 +23,14 @@ __all__ = [
     "RECORD_SCHEMA",
     "SPLITS",
     "RecordError",
+    "decode_images",
+    "decode_masks",
     "decode_png",
     "encode_png",
     "records_to_table",
     "validate_table",
     "read_records",
+    "read_split",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -157,3 +161,40 @@ def read_records(path: str | Path, columns: list[str] | None = None) -> pa.Table
         table = table.cast(RECORD_SCHEMA)
         validate_table(table, where=str(path))
     return table
+
+
+def read_split(
+    path: str | Path, split: str, columns: list[str] | None = None, limit: int | None = None
+) -> pa.Table:
+    """The rows of one split (the first ``limit`` of them), reading only ``columns`` if given."""
+    if columns is not None and "split" not in columns:
+        columns = [*columns, "split"]
+    table = read_records(path, columns)
+    table = table.filter(pc.equal(table.column("split"), split))
+    if limit is not None:
+        table = table.slice(0, limit)
+    if table.num_rows == 0:
+        raise ValueError(f"The records at {path} have no rows in split '{split}'")
+    return table
+
+
+def decode_images(blobs: Sequence[bytes]) -> np.ndarray:
+    """PNG blobs (an ``image`` column) as one (N, H, W, 3) uint8 array (a quarter of float32's memory)."""
+    return np.stack([decode_png(b) for b in blobs])
+
+
+def decode_masks(
+    blobs: Sequence[bytes | None], size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """PNG blobs or None (a ``mask`` column) as (N, H, W) bool, all False where a row has no mask, and
+    the (N,) has-mask flags. ``size`` is (H, W); None takes it from the first mask present."""
+    blobs = list(blobs)
+    if size is None:
+        first = next((b for b in blobs if b is not None), None)
+        size = decode_png(first, "L").shape if first is not None else (1, 1)
+    masks = np.zeros((len(blobs), *size), bool)
+    has = np.zeros(len(blobs), bool)
+    for i, blob in enumerate(blobs):
+        if blob is not None:
+            masks[i], has[i] = decode_png(blob, "L") > 127, True
+    return masks, has

@@ -16,13 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from vgmedgen.model.sampler import SamplerConfig
-from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_png, encode_png, read_records, records_to_table
+from vgmedgen.platform.records import (
+    SYNTHETIC_SOURCE,
+    decode_masks,
+    decode_png,
+    encode_png,
+    read_split,
+    records_to_table,
+)
 
 __all__ = [
     "GeneratedSet",
@@ -65,27 +71,17 @@ class PromptRows:
 
 def prompt_rows(records_dir: Path, split: str = "train") -> PromptRows:
     """The prompts, labels, masks and attributes of one split (images are not decoded)."""
-    table = read_records(
-        records_dir, columns=["id", "split", "label", "mask", "anatomy_text", "style_text", "attributes"]
+    table = read_split(
+        records_dir, split, columns=["id", "label", "mask", "anatomy_text", "style_text", "attributes"]
     )
-    table = table.filter(pc.equal(table.column("split"), split))
-    if table.num_rows == 0:
-        raise ValueError(f"The records at {records_dir} have no rows in split '{split}'")
-    blobs = table.column("mask").to_pylist()
-    first = next((b for b in blobs if b is not None), None)
-    h, w = decode_png(first, "L").shape if first is not None else (1, 1)
-    masks = np.zeros((len(blobs), h, w), np.uint8)
-    has = np.zeros(len(blobs), bool)
-    for i, b in enumerate(blobs):
-        if b is not None:
-            masks[i], has[i] = decode_png(b, "L"), True
+    masks, has = decode_masks(table.column("mask").to_pylist())
     return PromptRows(
         table.column("id").to_pylist(),
         table.column("anatomy_text").to_pylist(),
         table.column("style_text").to_pylist(),
         table.column("label").to_pylist(),
         [json.loads(a) for a in table.column("attributes").to_pylist()],
-        torch.from_numpy(masks > 127).float().unsqueeze(1),
+        torch.from_numpy(masks).float().unsqueeze(1),
         torch.from_numpy(has),
     )
 

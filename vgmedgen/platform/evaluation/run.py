@@ -49,7 +49,8 @@ from vgmedgen.platform.metrics.fidelity import (
 from vgmedgen.platform.metrics.memorisation import memorisation_share
 from vgmedgen.platform.metrics.report import EvaluationReport, distance_rows, write_report
 from vgmedgen.platform.metrics.stats import FeatureSummary
-from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, fit_classifier, load_labelled
+from vgmedgen.platform.records import decode_images, read_split
+from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, fit_classifier
 
 __all__ = ["EvaluationOutcome", "evaluate_experiment"]
 
@@ -65,9 +66,11 @@ class EvaluationOutcome:
     seconds: float
 
 
-def _uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (N, 3, H, W) -> uint8."""
-    return ((images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def _split_uint8(records_dir: Path, split: str) -> torch.Tensor:
+    """One split's images as (N, 3, H, W) uint8: whole splits are held for feature extraction, so never
+    as float32 (4x the memory)."""
+    blobs = read_split(records_dir, split, ["image"]).column("image").to_pylist()
+    return torch.from_numpy(decode_images(blobs)).permute(0, 3, 1, 2).contiguous()
 
 
 def domain_extractor(cfg: ExperimentConfig, storage: Path):
@@ -174,8 +177,8 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
     n = gen_images.shape[0]
 
     # -- distances ------------------------------------------------------------------------------
-    reference = _uint8(load_labelled(cfg.records_dir, ev.reference_split, ()).images)
-    train_images = _uint8(load_labelled(cfg.records_dir, "train", ()).images)
+    reference = _split_uint8(cfg.records_dir, ev.reference_split)
+    train_images = _split_uint8(cfg.records_dir, "train")
     fc = ev.fidelity
     kw = {"kid_subsets": fc.kid_subsets, "kid_subset_size": fc.kid_subset_size, "seed": fc.seed}
     rows = []

@@ -43,8 +43,9 @@ from vgmedgen.model.domain_nets import (
     load_domain_net,
     save_domain_net,
 )
-from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_png, read_records
+from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_images, decode_masks, read_records
 from vgmedgen.platform.training.config import ScalingOptions, StageTrainConfig
+from vgmedgen.platform.training.data import unit_range
 
 __all__ = [
     "ClassifierSpec",
@@ -156,13 +157,8 @@ def load_labelled(
     table = table.filter(pc.equal(table.column("split"), split))
     if table.num_rows == 0:
         raise ValueError(f"The records at {records_dir} have no rows in split '{split}'")
-    images = np.stack([decode_png(b) for b in table.column("image").to_pylist()])  # (N, H, W, 3)
-    h, w = images.shape[1:3]
-    masks = np.zeros((table.num_rows, h, w), np.uint8)
-    has = np.zeros(table.num_rows, bool)
-    for i, blob in enumerate(table.column("mask").to_pylist()):
-        if blob is not None:
-            masks[i], has[i] = decode_png(blob, "L"), True
+    images = decode_images(table.column("image").to_pylist())  # (N, H, W, 3)
+    masks, has = decode_masks(table.column("mask").to_pylist(), images.shape[1:3])
     labels = table.column("label").to_pylist()
     attrs = [json.loads(a) for a in table.column("attributes").to_pylist()]
     targets = torch.tensor(
@@ -170,8 +166,8 @@ def load_labelled(
     ).reshape(len(labels), len(heads))
     return LabelledImages(
         ids=table.column("id").to_pylist(),
-        images=torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0),
-        masks=torch.from_numpy(masks > 127).float().unsqueeze(1),
+        images=unit_range(torch.from_numpy(images).permute(0, 3, 1, 2)),
+        masks=torch.from_numpy(masks).float().unsqueeze(1),
         has_mask=torch.from_numpy(has),
         targets=targets,
         synthetic=torch.tensor([s.startswith(SYNTHETIC_SOURCE) for s in table.column("source").to_pylist()]),
