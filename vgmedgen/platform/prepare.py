@@ -11,7 +11,6 @@ would read, and the same inputs give the same records.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 from vgmedgen.platform.config import ExperimentConfig, PrepareConfig
 from vgmedgen.platform.records import RECORD_SCHEMA, RecordError, records_to_table
 from vgmedgen.platform.splits import assign_splits
+from vgmedgen.platform.storage import stable_hash
 
 __all__ = ["PrepareError", "PrepareSummary", "prepare_records", "data_config_hash"]
 
@@ -70,8 +70,7 @@ class PrepareSummary:
 
 def data_config_hash(data: PrepareConfig) -> str:
     """A short hash of everything that determines the records (the data section of the config)."""
-    blob = json.dumps(data.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return stable_hash(data.model_dump(mode="json"), 16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ test split: balanced accuracy, macro-F1 and per-class recall (classification), D
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.evaluation.config import DownstreamConfig
 from vgmedgen.platform.evaluation.generate import PromptRows, generate, prompt_rows, write_synthetic_records
 from vgmedgen.platform.records import read_records
+from vgmedgen.platform.storage import atomic_directory, stable_hash
 from vgmedgen.platform.training.classify import (
     ClassifierSpec,
     HeadSpec,
@@ -37,7 +37,6 @@ from vgmedgen.platform.training.classify import (
     predict,
     segment,
 )
-from vgmedgen.platform.training.runner import stable_hash
 
 __all__ = ["DownstreamResult", "plan_draws", "run_downstream", "subset_records"]
 
@@ -59,12 +58,8 @@ def subset_records(records_dir: Path, per_class: int, seed: int, out_root: Path)
         / f"lowdata-{per_class}-{seed}-{stable_hash(sorted(p.name for p in Path(records_dir).glob('*.parquet')))}"
     )
     if not (out / "part-00000.parquet").is_file():
-        tmp = out.parent / f".{out.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pq.write_table(table.filter(keep), tmp / "part-00000.parquet")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        with atomic_directory(out) as tmp:
+            pq.write_table(table.filter(keep), tmp / "part-00000.parquet")
     return out
 
 

@@ -10,7 +10,6 @@ Shape legend: N images, H/W size.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from vgmedgen.platform.records import (
     read_split,
     records_to_table,
 )
+from vgmedgen.platform.storage import atomic_directory
 
 __all__ = [
     "GeneratedSet",
@@ -179,10 +179,6 @@ def write_synthetic_records(
         for i in range(len(gen))
     )
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pq.write_table(table, tmp / "part-00000.parquet")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        pq.write_table(table, tmp / "part-00000.parquet")
     return out_dir

@@ -21,10 +21,8 @@ Shape legend: N batch, K classes of a head, H/W size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +42,7 @@ from vgmedgen.model.domain_nets import (
     save_domain_net,
 )
 from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_images, decode_masks, read_records
+from vgmedgen.platform.storage import atomic_directory, stable_hash
 from vgmedgen.platform.training.config import ScalingOptions, StageTrainConfig
 from vgmedgen.platform.training.data import unit_range
 
@@ -288,14 +287,10 @@ class ClassifierTask:
         self.module.load_state_dict(state["model"])
 
     def export(self, directory: Path) -> None:
-        tmp = directory.parent / f".{directory.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_domain_net(self.module, tmp / "net.safetensors")
-        (tmp / "heads.json").write_text(json.dumps([h.model_dump(mode="json") for h in self.spec.heads]))
-        (tmp / "metrics.json").write_text(json.dumps(self.validate()))
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
+        with atomic_directory(directory) as tmp:
+            save_domain_net(self.module, tmp / "net.safetensors")
+            (tmp / "heads.json").write_text(json.dumps([h.model_dump(mode="json") for h in self.spec.heads]))
+            (tmp / "metrics.json").write_text(json.dumps(self.validate()))
 
     def artifacts(self, step: int, directory: Path) -> list[Path]:
         return []
@@ -397,7 +392,7 @@ def _fingerprint(spec: ClassifierSpec) -> str:
     files = []
     for d in (spec.records_dir, *spec.extra_train):
         files += sorted((p.name, p.stat().st_size) for p in Path(d).glob("*.parquet"))
-    return hashlib.sha256(json.dumps([data, files], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return stable_hash([data, files], 12)
 
 
 def fit_classifier(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from vgmedgen.model.vgmedgen import assemble_model_version
 from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.storage import atomic_directory, stable_hash
 from vgmedgen.platform.training.runner import PARTS, StageResult, run_stage
 
 __all__ = ["TrainSummary", "train_experiment", "ensure_text_encoder"]
@@ -54,24 +54,19 @@ def ensure_text_encoder(cfg: ExperimentConfig) -> Path:
         for t in row
     ]
     words = vocabulary_from_texts(texts)
-    key = hashlib.sha256(
-        json.dumps([words, text.encoder_hidden, text.encoder_layers, text.encoder_heads, cfg.seed]).encode()
-    ).hexdigest()[:12]
+    key = stable_hash([words, text.encoder_hidden, text.encoder_layers, text.encoder_heads, cfg.seed], 12)
     out = cfg.root / "encoders" / f"{cfg.data.records_name}-{key}"
     if not (out / "config.json").is_file():
-        tmp = out.parent / f".{out.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_text_encoder(
-            words,
-            tmp,
-            hidden=text.encoder_hidden,
-            layers=text.encoder_layers,
-            heads=text.encoder_heads,
-            seed=cfg.seed,
-            max_position=max(text.max_length, 64),
-        )
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        with atomic_directory(out) as tmp:
+            build_text_encoder(
+                words,
+                tmp,
+                hidden=text.encoder_hidden,
+                layers=text.encoder_layers,
+                heads=text.encoder_heads,
+                seed=cfg.seed,
+                max_position=max(text.max_length, 64),
+            )
     return out
 
 
@@ -138,13 +133,10 @@ def train_experiment(
     ).hexdigest()[:12]
     version_dir = cfg.root / "models" / cfg.name / version
     if not (version_dir / "manifest.json").is_file():
-        tmp = version_dir.parent / f".{version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for part in ("visual", "text", "generator"):
-            shutil.copytree(parts[part], tmp / part)
-        assemble_model_version(cfg.model, tmp)
-        shutil.rmtree(version_dir, ignore_errors=True)
-        tmp.rename(version_dir)
+        with atomic_directory(version_dir) as tmp:
+            for part in ("visual", "text", "generator"):
+                shutil.copytree(parts[part], tmp / part)
+            assemble_model_version(cfg.model, tmp)
     summary = TrainSummary(version_dir, results, time.perf_counter() - t0, parent)
     if tracker is not None:
         summary.tracking_uri = tracker.uri

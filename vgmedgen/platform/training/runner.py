@@ -12,7 +12,6 @@ The stages hand off through directories: ``visual`` exports ``visual/``, ``align
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,9 +22,10 @@ from typing import Any
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.storage import stable_hash
 from vgmedgen.platform.training.config import STAGE_SCORES, STAGES
 
-__all__ = ["StageResult", "StageInputError", "run_stage", "stage_run_name", "stable_hash", "PARTS"]
+__all__ = ["StageResult", "StageInputError", "run_stage", "stage_run_name", "PARTS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ class StageResult:
     trained: bool
     metrics: dict[str, float]
     mlflow_run_id: str | None = None
-
-
-def stable_hash(obj: Any) -> str:
-    """A short, stable hash of a JSON-serialisable object (keys sorted): run names and cache keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def dir_fingerprint(directory: Path) -> str:

@@ -7,7 +7,6 @@ earlier stages' exports and compute conditions per batch under ``no_grad``.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from vgmedgen.model.text import TextDisentangler
 from vgmedgen.model.vgmedgen import load_text, load_visual, save_generator, save_text, save_visual
 from vgmedgen.model.visual import VisualDisentangler
 from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.storage import atomic_directory
 from vgmedgen.platform.training.data import RecordArrays
 from vgmedgen.platform.visualize import save_grid, save_swap_grid
 
@@ -40,16 +40,6 @@ class _LossModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         return self._fn(self.model, *args, **kwargs)
-
-
-def _atomic_export(directory: Path, write: Callable[[Path], None]) -> None:
-    tmp = directory.parent / f".{directory.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
 
 
 class _Base:
@@ -158,7 +148,8 @@ class VisualTask(_Base):
         return {"dice": dice / max(n, 1)}
 
     def export(self, directory: Path) -> None:
-        _atomic_export(directory, lambda d: save_visual(self.module, d))
+        with atomic_directory(directory) as d:
+            save_visual(self.module, d)
 
 
 class AlignTask(_Base):
@@ -214,7 +205,8 @@ class AlignTask(_Base):
         return key.startswith("encoder.") and self.cfg.model.text.frozen
 
     def export(self, directory: Path) -> None:
-        _atomic_export(directory, lambda d: save_text(self.module, d))
+        with atomic_directory(directory) as d:
+            save_text(self.module, d)
 
 
 class DitTask(_Base):
@@ -313,7 +305,8 @@ class DitTask(_Base):
         self.step = int(state["step"])
 
     def export(self, directory: Path) -> None:
-        _atomic_export(directory, lambda d: save_generator(self.module, self.ema, d))
+        with atomic_directory(directory) as d:
+            save_generator(self.module, self.ema, d)
 
     def artifacts(self, step: int, directory: Path) -> list[Path]:
         """A sample grid for fixed validation prompts and, at the end, the swap grid."""
