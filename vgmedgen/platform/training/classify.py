@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -41,7 +40,7 @@ from vgmedgen.model.domain_nets import (
     load_domain_net,
     save_domain_net,
 )
-from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_images, decode_masks, read_records
+from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_images, decode_masks, read_records, read_split
 from vgmedgen.platform.storage import atomic_directory, stable_hash
 from vgmedgen.platform.training.config import ScalingOptions, StageTrainConfig
 from vgmedgen.platform.training.data import unit_range
@@ -144,18 +143,16 @@ def load_labelled(
         synthetic_only: the directory holds synthetic rows; every row must be flagged (source
             ``synthetic://``) and in the train split, else this raises (they must never reach val/test).
     """
-    table = read_records(records_dir)
     if synthetic_only:
-        sources = table.column("source").to_pylist()
-        splits = set(table.column("split").to_pylist())
+        flags = read_records(records_dir, ["source", "split"])
+        sources = flags.column("source").to_pylist()
+        splits = set(flags.column("split").to_pylist())
         if any(not s.startswith(SYNTHETIC_SOURCE) for s in sources) or splits - {"train"}:
             raise ConfigError(
                 f"{records_dir} is given as synthetic rows, but holds rows that are not flagged "
                 f"'{SYNTHETIC_SOURCE}...' or not in the train split; synthetic rows never enter val or test"
             )
-    table = table.filter(pc.equal(table.column("split"), split))
-    if table.num_rows == 0:
-        raise ValueError(f"The records at {records_dir} have no rows in split '{split}'")
+    table = read_split(records_dir, split)
     images = decode_images(table.column("image").to_pylist())  # (N, H, W, 3)
     masks, has = decode_masks(table.column("mask").to_pylist(), images.shape[1:3])
     labels = table.column("label").to_pylist()
