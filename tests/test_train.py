@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.text import TextEncoder
-from vgmedgen.model.vgmedgen import VGMedGen
+from vgmedgen.model.vgmedgen import VGMedGen, write_manifest
 from vgmedgen.platform.cluster import ClusterError, probe_address
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.prepare import prepare_records
 from vgmedgen.platform.tracking import Tracker
-from vgmedgen.platform.training.pipeline import ensure_text_encoder, train_experiment
-from vgmedgen.platform.training.runner import StageInputError, run_stage
+from vgmedgen.platform.training.pipeline import assemble_version, ensure_text_encoder, train_experiment
+from vgmedgen.platform.training.runner import StageInputError, run_stage, stage_run_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
@@ -101,11 +102,34 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
     trained = dict(model.text.encoder.named_parameters())
     assert any(not torch.equal(p, trained[n]) for n, p in built.named_parameters())
 
-    # re-submitting the finished job trains nothing and says so
-    again = train_experiment(cfg)
+    # re-submitting the finished job trains nothing and says so; sampler settings are in no stage's identity
+    again = train_experiment(_cfg(output_root, *demo_options, "model.sampler.num_steps=3"))
     assert not any(r.trained for r in again.stages)
-    assert again.model_version == summary.model_version
+    assert [r.run_name for r in again.stages] == [r.run_name for r in summary.stages]
     assert "nothing to train" in capsys.readouterr().out
+
+    # a dit field reaches only the dit stage: visual and align are reused, the generator and version are new
+    dit_changed = train_experiment(_cfg(output_root, *demo_options, "train.dit.lr=3e-4"))
+    assert [r.trained for r in dit_changed.stages] == [False, False, True]
+    assert [r.run_name for r in dit_changed.stages[:2]] == [r.run_name for r in summary.stages[:2]]
+    assert dit_changed.stages[2].run_name != summary.stages[2].run_name
+    assert dit_changed.model_version != summary.model_version
+
+    # the version is named by its parts' content: a retrained part (as --fresh makes) is a new version
+    # even when every run name is the same; the same parts are the same version
+    parts = {p: summary.model_version / p for p in ("visual", "text", "generator")}
+    assert assemble_version(cfg, parts) == summary.model_version
+    retrained = output_root / "retrained-generator"
+    shutil.copytree(parts["generator"], retrained)
+    weights = next(retrained.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}, str(weights))
+    write_manifest(
+        retrained,
+        {k: v for k, v in json.loads((retrained / "manifest.json").read_text()).items() if k != "files"},
+    )
+    rebuilt = assemble_version(cfg, {**parts, "generator": retrained})
+    assert rebuilt != summary.model_version and (rebuilt / "manifest.json").is_file()
 
 
 def _visual_only(root: Path, *extra: str):
@@ -130,6 +154,67 @@ def test_resume_after_injected_fault_matches_undisturbed_run(ray_cluster, tmp_pa
     resumed = load_file(str(res.export_dir / "model.safetensors"))
     assert clean.keys() == resumed.keys()
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
+@pytest.mark.ray_cpus(2)
+def test_worker_killed_after_a_checkpoint_report_resumes_from_it(ray_cluster, tmp_path: Path):
+    # Two workers; rank 0 SIGKILLs itself right after reporting the step-4 checkpoint, as a lost node would.
+    # Ray Train loses that report (the controller had not collected every rank's report), so the stage must
+    # resume from the newest complete checkpoint on disk rather than start over.
+    # (That a resumed run equals the undisturbed one is test_resume_after_injected_fault_matches_undisturbed_run.)
+    cfg = _visual_only(
+        tmp_path,
+        "train.scaling.num_workers=2",
+        "train.visual.checkpoint_every=2",
+        "train.visual.fail_at_step=4",
+        "train.visual.fail_mode=sigkill",
+        "train.scaling.max_failures=2",
+    )
+    prepare_records(cfg)
+    tracker = Tracker(cfg.tracking, cfg.root, cfg.name)
+    res = run_stage(cfg, "visual", {}, tracker=tracker)
+    run_dir = cfg.root / "runs" / res.run_name
+    assert (run_dir / "fault_injected").read_text() == "4"
+    assert res.metrics["step"] == 5 and res.metrics["visual/resumed_from_step"] == 4  # not from step 0
+    history = tracker.client.get_metric_history(res.mlflow_run_id, "visual/total")
+    assert sorted(m.step for m in history) == list(range(6))  # each step exactly once
+    registered = {Path(p).name for p in json.loads((run_dir / "DONE.json").read_text())["checkpoints"]}
+    on_disk = {d.name for d in run_dir.glob("checkpoint_*") if d.is_dir()}
+    assert on_disk == registered and len(on_disk) >= 1  # no orphaned checkpoint directory
+
+
+def test_run_names_are_pinned_and_follow_what_reaches_each_stage(tmp_path: Path):
+    def part(name: str, manifest: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(manifest)
+        return d
+
+    visual = part("visual", '{"files": {"model.safetensors": "aa"}, "part": "visual"}')
+    text = part("text", '{"files": {"heads.safetensors": "bb"}, "part": "text"}')
+    encoder = part("encoder", '{"files": {"config.json": "cc"}}')
+
+    def names(*overrides: str) -> list[str]:
+        cfg = load_experiment(REPO / "configs/tiny.yaml", [f"output_root={tmp_path}", *overrides])
+        return [
+            stage_run_name(cfg, "visual", {}),
+            stage_run_name(cfg, "align", {"visual": visual, "text_encoder": encoder}),
+            stage_run_name(cfg, "dit", {"visual": visual, "text": text}),
+        ]
+
+    base = names()
+    # Pinned: a change that renames these renames every user's runs (their next job retrains from scratch).
+    assert base == ["tiny-visual-5cab7d9bdbd6", "tiny-align-823f7eb90295", "tiny-dit-8851c42ab73b"]
+    assert names("model.sampler.guidance_style=2.0", "train.dit.log_every=5") == base
+    dit = names("train.dit.lr=3e-4")
+    assert dit[:2] == base[:2] and dit[2] != base[2]
+    gen = names("model.generator.colour.weight=0.5")
+    assert gen[:2] == base[:2] and gen[2] != base[2]
+    align = names("train.align.lr=3e-4")
+    assert align[0] == base[0] and align[1] != base[1] and align[2] == base[2]  # dit sees align via its input
+    # world size and threads per worker change the result, so they change every name
+    for scaling in ("train.scaling.num_workers=1", "train.scaling.threads_per_worker=2"):
+        assert all(a != b for a, b in zip(names(scaling), base))
 
 
 def test_stage_without_its_input_is_a_clear_error(output_root: Path):
@@ -160,7 +245,7 @@ def test_unreachable_cluster_is_a_clear_error(output_root: Path, capsys):
     assert code == 2 and "Cannot reach the Ray cluster" in err and "Traceback" not in err
 
 
-def test_missing_dataset_is_a_clear_error(output_root: Path, tmp_path: Path):
+def test_missing_dataset_is_a_clear_error(ray_cluster, output_root: Path, tmp_path: Path):
     from vgmedgen.platform.datasets.common import DatasetError
 
     cfg = load_experiment(

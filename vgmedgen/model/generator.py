@@ -887,11 +887,26 @@ class Generator(nn.Module):
         mask[idx] = True
         return colour, mask
 
-    def reduce_loss(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Scalar training loss: ``mean(eps) + colour.weight * mean over active samples(colour)``."""
+    def reduce_loss(
+        self,
+        terms: Mapping[str, torch.Tensor],
+        *,
+        active_total: torch.Tensor | float | None = None,
+        world: int = 1,
+    ) -> torch.Tensor:
+        """Scalar training loss: ``mean(eps) + colour.weight * mean over active samples(colour)``.
+
+        With data parallelism the colour mean is over the *global* batch's active samples: pass their
+        count over all ranks as ``active_total`` and the number of ranks as ``world``. Each rank then
+        returns ``mean(eps) + weight * world * sum(colour) / active_total``, and the ranks' average (what
+        DDP's gradient averaging computes) is the one-process loss of the whole batch.
+        """
         loss = terms["eps"].mean()
         mask = terms.get("colour_mask")
-        if mask is not None and bool(mask.any()):
-            colour = (terms["colour"] * mask).sum() / mask.sum()
+        if mask is None:
+            return loss
+        total = mask.sum() if active_total is None else active_total
+        if float(total) > 0:
+            colour = world * (terms["colour"] * mask).sum() / total
             loss = loss + self.cfg.colour.weight * colour
         return loss

@@ -17,7 +17,22 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "load_state", "save_state", "rng_state", "set_rng_state"]
+__all__ = [
+    "COMPLETE",
+    "CheckpointError",
+    "checkpoint_step",
+    "is_complete",
+    "load_state",
+    "mark_complete",
+    "newest_complete",
+    "save_state",
+    "rng_state",
+    "set_rng_state",
+]
+
+# Written last into a checkpoint directory: the names and sizes of every other file in it. A copy that
+# stopped half-way (a worker killed during the upload) lacks it or disagrees with it.
+COMPLETE = "COMPLETE.json"
 
 
 class CheckpointError(RuntimeError):
@@ -115,3 +130,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+
+
+def mark_complete(directory: str | Path, step: int) -> None:
+    """Write :data:`COMPLETE` (step, and every other file's size) into ``directory``: call it last."""
+    directory = Path(directory)
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != COMPLETE
+    }
+    tmp = directory / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps({"step": int(step), "files": files}))
+    os.replace(tmp, directory / COMPLETE)
+
+
+def checkpoint_step(directory: str | Path) -> int | None:
+    """The step of a complete checkpoint directory, or None when it is incomplete or not a checkpoint."""
+    directory = Path(directory)
+    try:
+        marker = json.loads((directory / COMPLETE).read_text())
+        for name, size in marker["files"].items():
+            if (directory / name).stat().st_size != size:
+                return None
+        return int(marker["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def is_complete(directory: str | Path) -> bool:
+    return checkpoint_step(directory) is not None
+
+
+def newest_complete(root: str | Path, pattern: str = "checkpoint_*") -> tuple[int, Path] | None:
+    """The complete checkpoint directory under ``root`` with the highest step, as ``(step, path)``."""
+    found = []
+    for d in Path(root).glob(pattern):
+        step = checkpoint_step(d) if d.is_dir() else None
+        if step is not None:
+            found.append((step, d))
+    return max(found, key=lambda x: (x[0], str(x[1]))) if found else None

@@ -92,11 +92,20 @@ class MetricsSink:
         return MlflowClient(self.uri)
 
     def __call__(self, entries: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """Log each ``(step, metrics)`` entry once: steps already in the run are skipped, so a worker that
+        re-logs what a killed predecessor may or may not have logged never duplicates a step."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(step)) for step, values in entries for k, v in values.items()]
+        entries = [(int(step), values) for step, values in entries if values]
+        if not entries:
+            return
         client = self._client()
+        common = sorted(set.intersection(*(set(values) for _, values in entries)))
+        if common:
+            logged = {m.step for m in client.get_metric_history(self.run_id, common[0])}
+            entries = [(step, values) for step, values in entries if step not in logged]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in entries for k, v in values.items()]
         for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
             client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
@@ -154,6 +163,15 @@ class Tracker:
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+
+    def retire(self, key: str, new_key: str) -> None:
+        """Re-tag the runs found by ``key`` with ``new_key``, so that :meth:`run` starts a new one for ``key``."""
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"
+        ):
+            self.client.set_tag(run.info.run_id, RUN_KEY_TAG, new_key)
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from vgmedgen.model.configbase import StrictConfig
 
-__all__ = ["STAGES", "ScalingOptions", "StageTrainConfig", "TrainConfig"]
+__all__ = ["STAGES", "ScalingOptions", "StageTrainConfig", "TrainConfig", "check_batch_shares"]
 
 STAGES = ("visual", "align", "dit")
 # The validation metric (``<stage>/val_<name>``) that ranks each stage's checkpoints, and its better direction.
@@ -27,6 +27,40 @@ class ScalingOptions(StrictConfig):
         2, ge=0, description="Worker-group restarts from the latest checkpoint before giving up."
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    threads_per_worker: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch threads in each worker; default int(cpus_per_worker), at least 1. Part of every "
+        "stage's identity: the thread count changes floating-point reduction order, so results.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: ``num_workers``, or 1 for the in-process run of ``num_workers=0``."""
+        return max(self.num_workers, 1)
+
+    @property
+    def threads(self) -> int:
+        """The torch thread count each worker sets (``threads_per_worker`` or ``int(cpus_per_worker)``)."""
+        return self.threads_per_worker or max(int(self.cpus_per_worker), 1)
+
+
+def check_batch_shares(batch_size: int, grad_accum: int, world: int, where: str) -> None:
+    """Refuse a global batch that ``world`` ranks x ``grad_accum`` micro-batches cannot share equally.
+
+    Unequal shares change the algorithm (a rank's mean weighs its rows differently) and a rank with no
+    rows crashes while the others wait in the gradient all-reduce.
+    """
+    if batch_size % (world * grad_accum):
+        lower = (batch_size // (world * grad_accum)) * world * grad_accum
+        upper = lower + world * grad_accum
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ValueError(
+            f"{where}batch_size {batch_size} is the global batch, shared by num_workers {world} x grad_accum "
+            f"{grad_accum} = {world * grad_accum} micro-batch shares, which it must be a multiple of: set "
+            f"batch_size to {nearest}, or change train.scaling.num_workers / grad_accum"
+        )
 
 
 class StageTrainConfig(StrictConfig):
@@ -53,7 +87,15 @@ class StageTrainConfig(StrictConfig):
         "auto", description="auto = bf16 autocast on CUDA only."
     )
     fail_at_step: int | None = Field(
-        None, ge=0, description="Fault injection for tests: raise once at this step."
+        None,
+        ge=0,
+        description="Fault injection (tests, drills): fail once when this many steps have finished.",
+    )
+    fail_mode: Literal["raise", "sigkill"] = Field(
+        "raise",
+        description="raise: an exception in the loop before the step; sigkill: rank 0 kills its own process "
+        "right after reporting the checkpoint of that step, as a lost node would (fail_at_step must then be a "
+        "multiple of checkpoint_every).",
     )
 
     @model_validator(mode="after")
@@ -62,6 +104,12 @@ class StageTrainConfig(StrictConfig):
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
             )
+        if self.fail_mode == "sigkill" and self.fail_at_step is not None:
+            if self.fail_at_step % self.checkpoint_every or not 0 < self.fail_at_step < self.steps:
+                raise ValueError(
+                    f"fail_mode=sigkill kills a worker after a checkpoint: fail_at_step {self.fail_at_step} must be a "
+                    f"multiple of checkpoint_every {self.checkpoint_every} below steps {self.steps}"
+                )
         return self
 
 
@@ -97,4 +145,7 @@ class TrainConfig(StrictConfig):
                 f"train.stages starts at '{self.stages[0]}', which needs the earlier stages: set train.init_from to a "
                 "model version directory or registry alias"
             )
+        for stage in STAGES:
+            cfg: StageTrainConfig = getattr(self, stage)
+            check_batch_shares(cfg.batch_size, cfg.grad_accum, self.scaling.world_size, f"train.{stage}.")
         return self

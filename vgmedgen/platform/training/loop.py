@@ -16,15 +16,26 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from vgmedgen.platform.checkpoint import load_state, rng_state, save_state, set_rng_state
+from vgmedgen.platform.checkpoint import (
+    checkpoint_step,
+    load_state,
+    mark_complete,
+    newest_complete,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 from vgmedgen.platform.training.config import StageTrainConfig
 from vgmedgen.platform.training.data import batch_indices, seed_global_rng, step_generator
 
@@ -67,24 +78,58 @@ class StageTask(Protocol):
 
 
 class TrainContext:
-    """Rank, world size and the reporting hooks: Ray Train's when running under it, local ones otherwise."""
+    """Rank, world size and the reporting hooks: Ray Train's when running under it, local ones otherwise.
 
-    def __init__(self) -> None:
+    Args:
+        run_dir: the run's storage directory. Resuming takes the newest checkpoint there that is
+            complete (:func:`~vgmedgen.platform.checkpoint.checkpoint_step`) when it is newer than the one
+            Ray Train hands back: Ray loses a reported checkpoint when a worker dies before the controller
+            has collected every rank's report, and the new worker group would otherwise start over.
+    """
+
+    def __init__(self, run_dir: Path | None = None) -> None:
         import ray.train  # RAY
 
         ctx = ray.train.get_context()  # RAY
         self.rank = ctx.get_world_rank()
         self.world = ctx.get_world_size()
+        self.run_dir = run_dir
         self._ray = ray.train
 
     def latest_checkpoint(self):
-        return self._ray.get_checkpoint()  # RAY
+        from ray.train import Checkpoint  # RAY
+
+        registered = self._ray.get_checkpoint()  # RAY
+        step = _registered_step(registered.path) if registered is not None else None
+        found = newest_complete(self.run_dir) if self.run_dir is not None else None
+        if found is not None and (registered is None or step is None or found[0] > step):
+            if self.rank == 0:
+                log.warning(
+                    "Ray Train handed back %s; resuming from the newer complete checkpoint %s (step %d), whose "
+                    "report was lost when a worker died",
+                    registered.path if registered is not None else "no checkpoint",
+                    found[1],
+                    found[0] + 1,
+                )
+            return Checkpoint.from_directory(str(found[1]))  # RAY
+        return registered
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         from ray.train import Checkpoint  # RAY
 
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._ray.report(metrics, checkpoint=ckpt)  # RAY: a barrier; rank 0 passes the checkpoint
+
+
+def _registered_step(path: str) -> int | None:
+    """The step of a checkpoint Ray Train registered (older checkpoints lack the completeness marker)."""
+    step = checkpoint_step(path)
+    if step is None:
+        try:
+            step = int(json.loads((Path(path) / "metrics.json").read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            return None
+    return step
 
 
 def _autocast(cfg: StageTrainConfig, device: torch.device):
@@ -111,6 +156,7 @@ def train_loop(
     export_dir: Path | None = None,
     fault_marker: Path | None = None,
     batch_source: Any = None,
+    prepare_model: Callable[..., Any] | None = None,
 ) -> dict[str, float]:
     """Run (or resume) one stage to ``cfg.steps`` optimiser steps.
 
@@ -129,6 +175,13 @@ def train_loop(
         fault_marker: a file whose absence at ``cfg.fail_at_step`` triggers one injected failure.
         batch_source: ``source(micro_step, device) -> batch`` (Ray Data shards); None draws deterministic
             batches from the task's in-memory split.
+        prepare_model: the DDP wrapper for ``world > 1`` (``ray.train.torch.prepare_model`` when None);
+            tests pass one over a process group they made themselves.
+
+    With ``world > 1`` every rank computes the loss of its ``batch_size / (world x grad_accum)`` rows of
+    each global micro-batch, DDP averages the gradients, and the logged terms are means over the
+    global batch (``torch.distributed`` sums over ranks): the same algorithm as one process on the
+    whole batch. Every rank's task must return the same loss keys.
 
     Returns:
         The last step's metrics.
@@ -145,6 +198,7 @@ def train_loop(
             export_dir=export_dir,
             fault_marker=fault_marker,
             batch_source=batch_source,
+            prepare_model=prepare_model,
         )
 
 
@@ -159,6 +213,7 @@ def _train_loop(
     export_dir: Path | None,
     fault_marker: Path | None,
     batch_source: Any,
+    prepare_model: Callable[..., Any] | None,
 ) -> dict[str, float]:
     params = task.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -175,6 +230,11 @@ def _train_loop(
         start = int(state["step"]) + 1
         if ctx.rank == 0:
             log.info("[%s] resumed from checkpoint at step %d", task.name, start)
+            if metrics_sink is not None:
+                # The steps this checkpoint made durable: logged now unless they already were (a worker
+                # killed between the report and the log would otherwise leave a gap in MLflow).
+                with ckpt.as_directory() as d:
+                    metrics_sink(_pending_from(Path(d)))
     if start >= cfg.steps:
         if ctx.rank == 0:
             log.info("[%s] already finished (%d steps); nothing to train", task.name, cfg.steps)
@@ -183,23 +243,31 @@ def _train_loop(
         return {}
 
     if ctx.world > 1:
-        import ray.train.torch  # RAY
+        if prepare_model is None:
+            import ray.train.torch  # RAY
 
-        task.wrap_for_ddp(ray.train.torch.prepare_model)  # RAY
+            prepare_model = ray.train.torch.prepare_model  # RAY
+        task.wrap_for_ddp(prepare_model)
 
     n = task.train_size() if batch_source is None else 0
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = cfg.batch_size // cfg.grad_accum  # global micro-batch; each rank draws micro / world rows
     pending: list[tuple[int, dict[str, float]]] = []
     t_start, samples_done = time.perf_counter(), 0
     metrics: dict[str, float] = {}
     for step in range(start, cfg.steps):
-        if cfg.fail_at_step is not None and step == cfg.fail_at_step and fault_marker is not None:
+        if (
+            cfg.fail_at_step is not None
+            and cfg.fail_mode == "raise"
+            and step == cfg.fail_at_step
+            and fault_marker is not None
+        ):
             if not fault_marker.exists():
                 fault_marker.parent.mkdir(parents=True, exist_ok=True)
                 fault_marker.write_text(str(step))
                 raise RuntimeError(f"injected fault at step {step} (train.*.fail_at_step)")
         opt.zero_grad(set_to_none=True)
-        terms: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for k in range(cfg.grad_accum):
             micro_step = step * cfg.grad_accum + k
             if batch_source is None:
@@ -214,7 +282,10 @@ def _train_loop(
                 losses = task.loss(batch, gen)
             (losses["total"] / cfg.grad_accum).backward()
             for name, value in losses.items():
-                terms[name] = terms.get(name, 0.0) + float(value.detach().float().mean()) / cfg.grad_accum
+                v = value.detach().float()
+                sums[name] = sums.get(name, 0.0) + float(v.sum())
+                counts[name] = counts.get(name, 0) + v.numel()
+        terms = _global_means(sums, counts, ctx.world)
         if cfg.clip_norm is not None:
             terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
         opt.step()
@@ -226,6 +297,8 @@ def _train_loop(
         metrics[f"{task.name}/lr"] = sched.get_last_lr()[0]
         metrics[f"{task.name}/samples_per_s"] = samples_done / max(elapsed, 1e-9)
         metrics[f"{task.name}/peak_rss_mb"] = _peak_rss_mb()
+        if start > 0:
+            metrics[f"{task.name}/resumed_from_step"] = start  # this attempt began after a restart
         last = step == cfg.steps - 1
         checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or last
         # Every checkpoint carries the validation metric that ranks it (CheckpointConfig keeps the best).
@@ -248,7 +321,7 @@ def _train_loop(
                 with tempfile.TemporaryDirectory() as d:
                     metrics_sink.artifacts(task.artifacts(step + 1, Path(d)))
         if checkpoint_now:
-            _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink)
+            _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink, cfg, fault_marker)
             pending = []
         elif (step + 1) % cfg.log_every == 0:
             ctx.report(metrics, None)
@@ -260,7 +333,26 @@ def _train_loop(
     return metrics
 
 
-def _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink) -> None:
+def _global_means(sums: dict[str, float], counts: dict[str, int], world: int) -> dict[str, float]:
+    """Each term's mean over the global batch: the per-rank sums and counts added over ranks."""
+    names = sorted(sums)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([sums[n] for n in names] + [float(counts[n]) for n in names], dtype=torch.float64)
+        torch.distributed.all_reduce(t)  # gloo/NCCL sum over ranks (CPU tensor: gloo, or NCCL's CPU path)
+        sums = dict(zip(names, t[: len(names)].tolist()))
+        counts = dict(zip(names, t[len(names) :].tolist()))
+    return {n: sums[n] / counts[n] for n in names if counts[n] > 0}
+
+
+def _pending_from(directory: Path) -> list[tuple[int, dict[str, float]]]:
+    try:
+        data = json.loads((directory / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [(int(step), values) for step, values in data.get("pending", [])]
+
+
+def _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink, cfg, fault_marker) -> None:
     with tempfile.TemporaryDirectory() as d:
         if ctx.rank == 0:
             state = {
@@ -271,8 +363,25 @@ def _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink) -> 
                 "step": step,
             }
             save_state(d, "state", state)
-            (Path(d) / "metrics.json").write_text(json.dumps({"step": step, **_finite(metrics)}))
+            (Path(d) / "metrics.json").write_text(
+                json.dumps(
+                    {"step": step, **_finite(metrics), "pending": [[s, _finite(m)] for s, m in pending]}
+                )
+            )
+            mark_complete(d, step)  # last: a copy without it, or with other sizes, is incomplete
         ctx.report({"step": step, **_finite(metrics)}, d if ctx.rank == 0 else None)
+    if (
+        cfg.fail_mode == "sigkill"
+        and cfg.fail_at_step == step + 1
+        and ctx.rank == 0
+        and fault_marker is not None
+        and not fault_marker.exists()
+    ):
+        # As a lost node: no exception, no clean-up, right after the report (before MLflow logging).
+        fault_marker.parent.mkdir(parents=True, exist_ok=True)
+        fault_marker.write_text(str(step + 1))
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
     if ctx.rank == 0 and metrics_sink is not None and pending:
         metrics_sink(pending)
 

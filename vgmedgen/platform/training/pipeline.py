@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -12,9 +11,9 @@ from pathlib import Path
 from vgmedgen.model.vgmedgen import assemble_model_version
 from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.storage import atomic_directory, stable_hash
-from vgmedgen.platform.training.runner import PARTS, StageResult, run_stage
+from vgmedgen.platform.training.runner import PARTS, StageResult, dir_fingerprint, run_stage
 
-__all__ = ["TrainSummary", "train_experiment", "ensure_text_encoder"]
+__all__ = ["TrainSummary", "assemble_version", "train_experiment", "ensure_text_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,29 @@ def ensure_text_encoder(cfg: ExperimentConfig) -> Path:
     return out
 
 
+def assemble_version(cfg: ExperimentConfig, parts: dict[str, Path]) -> Path:
+    """The model version of these parts under ``<output_root>/models/<experiment>/``, assembled if new.
+
+    Its name is a hash of its content (each part's manifest of file hashes, and the model config it is
+    assembled with), so a retrained part (``--fresh``, a changed stage) is always a new version, and the
+    same parts are always the same version, whatever the run names.
+    """
+    version = stable_hash(
+        {
+            "parts": {p: dir_fingerprint(parts[p]) for p in ("visual", "text", "generator")},
+            "model": cfg.model.model_dump(mode="json"),
+        },
+        12,
+    )
+    version_dir = cfg.root / "models" / cfg.name / version
+    if not (version_dir / "manifest.json").is_file():
+        with atomic_directory(version_dir) as tmp:
+            for part in ("visual", "text", "generator"):
+                shutil.copytree(parts[part], tmp / part)
+            assemble_model_version(cfg.model, tmp)
+    return version_dir
+
+
 def _parts_from(directory: Path) -> dict[str, Path]:
     return {
         p: directory / p
@@ -107,12 +129,15 @@ def train_experiment(
             raise FileNotFoundError(f"train.init_from {cfg.train.init_from} is not a model version directory")
         parts.update(_parts_from(base))
     parts["text_encoder"] = ensure_text_encoder(cfg)
-    job_key = hashlib.sha256(
-        cfg.model_dump_json(exclude={"train": {"scaling"}, "tracking": True, "evaluate": True}).encode()
-    ).hexdigest()[:12]
+    # The job's MLflow parent run: one per config (scaling included: it is part of every stage's identity).
+    job_key = (
+        f"{cfg.name}-job-{stable_hash(cfg.model_dump(mode='json', exclude={'tracking', 'evaluate'}), 12)}"
+    )
     parent = None
     if tracker is not None:
-        parent = tracker.run(key=f"{cfg.name}-job-{job_key}", name=f"{cfg.name}-train", tags={"job": "train"})
+        if fresh:  # retrained stages make a new model version: give it a new parent run to be logged under
+            tracker.retire(job_key, f"{job_key}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        parent = tracker.run(key=job_key, name=f"{cfg.name}-train", tags={"job": "train"})
         tracker.log_params(parent, cfg.model_dump(mode="json", exclude={"evaluate"}))
     results = []
     for stage in cfg.train.stages:
@@ -127,16 +152,8 @@ def train_experiment(
     missing = [p for p in ("visual", "text", "generator") if p not in parts]
     if missing:
         raise FileNotFoundError(f"No {', '.join(missing)} part: run those stages or set train.init_from")
-    version = hashlib.sha256(
-        "|".join(r.run_name for r in results).encode()
-        + str(sorted((k, str(v)) for k, v in parts.items())).encode()
-    ).hexdigest()[:12]
-    version_dir = cfg.root / "models" / cfg.name / version
-    if not (version_dir / "manifest.json").is_file():
-        with atomic_directory(version_dir) as tmp:
-            for part in ("visual", "text", "generator"):
-                shutil.copytree(parts[part], tmp / part)
-            assemble_model_version(cfg.model, tmp)
+    version_dir = assemble_version(cfg, parts)
+    version = version_dir.name
     summary = TrainSummary(version_dir, results, time.perf_counter() - t0, parent)
     if tracker is not None:
         summary.tracking_uri = tracker.uri

@@ -1,7 +1,7 @@
 """Driver side of staged training: one TorchTrainer per stage, resumable by deterministic run names.
 
-A stage's run name is ``<experiment>-<stage>-<hash of its resolved config>-<hash of its inputs>``
-(scaling and logging settings excluded), so re-submitting an interrupted job resumes where it
+A stage's run name is ``<experiment>-<stage>-<hash of its identity>`` (:func:`stage_identity`: what
+reaches the stage, its inputs' content, world size and threads; not logging or sampler settings), so re-submitting an interrupted job resumes where it
 stopped (Ray Train restores the latest checkpoint of a run with the same name and storage path,
 and the MLflow run tagged with the same key is reused), re-submitting a finished job trains
 nothing and says so, and a changed config starts a new run. ``--fresh`` moves the old run aside.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,24 +59,40 @@ def dir_fingerprint(directory: Path) -> str:
     )
 
 
-def stage_identity(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
-    """Everything that determines a stage's result: data, model, the stage's optimisation, the seed."""
-    train = cfg.train.model_dump(mode="json")
-    stage_cfg = {
-        k: v for k, v in train[stage].items() if k not in ("log_every", "fail_at_step", "sample_every")
-    }
+# Per-stage settings that do not change what a stage computes (logging cadence, fault drills).
+_NOT_IDENTITY = ("log_every", "fail_at_step", "fail_mode", "sample_every")
+# The model sections each stage's result depends on. Sampler settings are in none of them.
+_MODEL_PARTS = {"visual": ("visual",), "align": ("visual", "text"), "dit": ("visual", "text", "generator")}
+
+
+def stage_identity(
+    cfg: ExperimentConfig, stage: str, inputs: dict[str, Path] | None = None
+) -> dict[str, Any]:
+    """Everything that determines a stage's result, and nothing else.
+
+    visual: data + model.visual + train.visual + seed; align adds model.text, train.align and the
+    fingerprints of its inputs (the visual export, the text encoder); dit adds model.generator, train.dit
+    and its inputs. Every stage also carries the world size and threads per worker: each rank draws its own
+    noise stream and the thread count changes reduction order, so a 1-worker and a 2-worker run differ.
+    """
+    model = cfg.model.model_dump(mode="json")
+    stage_cfg = getattr(cfg.train, stage).model_dump(mode="json")
+    sc = cfg.train.scaling
     return {
-        "data": cfg.data.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
         "stage": stage,
-        "train": stage_cfg,
+        "data": cfg.data.model_dump(mode="json"),
+        "model": {part: model[part] for part in _MODEL_PARTS[stage]},
+        "train": {k: v for k, v in stage_cfg.items() if k not in _NOT_IDENTITY},
+        "ingest": cfg.train.ingest,
+        "world": {"workers": sc.world_size, "threads_per_worker": sc.threads},
         "seed": cfg.seed,
+        "inputs": {k: dir_fingerprint(Path(v)) for k, v in sorted((inputs or {}).items())},
     }
 
 
 def stage_run_name(cfg: ExperimentConfig, stage: str, inputs: dict[str, Path]) -> str:
-    in_hash = stable_hash({k: dir_fingerprint(v) for k, v in sorted(inputs.items())}) if inputs else "none"
-    return f"{cfg.name}-{stage}-{stable_hash(stage_identity(cfg, stage))}-{in_hash}"
+    """``<experiment>-<stage>-<hash of its identity>``: the same name exactly when the same work is asked."""
+    return f"{cfg.name}-{stage}-{stable_hash(stage_identity(cfg, stage, inputs), 12)}"
 
 
 def run_stage(
@@ -119,6 +134,8 @@ def run_stage(
         aside = storage / f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.rename(aside)
         log.info("--fresh: moved the earlier run to %s", aside)
+        if tracker is not None:
+            tracker.retire(name, aside.name)  # the new run gets its own MLflow run and metric history
     export_dir = run_dir / "export" / PARTS[stage]
     done_file = run_dir / DONE
     stage_cfg = getattr(cfg.train, stage)
@@ -128,7 +145,7 @@ def run_stage(
             key=name,
             name=f"{stage}",
             parent_id=parent_run_id,
-            tags={"stage": stage, "config_hash": stable_hash(stage_identity(cfg, stage))},
+            tags={"stage": stage, "config_hash": stable_hash(stage_identity(cfg, stage, inputs))},
         )
     if done_file.is_file():
         done = json.loads(done_file.read_text())
@@ -138,13 +155,14 @@ def run_stage(
         return StageResult(stage, name, export_dir, False, done.get("metrics", {}), mlflow_run)
 
     if tracker is not None:
-        tracker.log_params(mlflow_run, {"stage": stage, **stage_identity(cfg, stage)})
+        tracker.log_params(mlflow_run, {"stage": stage, **stage_identity(cfg, stage, inputs)})
     spec = {
         "experiment": cfg.model_dump(mode="json"),
         "stage": stage,
         "inputs": {k: str(v) for k, v in inputs.items()},
         "export_dir": str(export_dir),
         "fault_marker": str(run_dir / "fault_injected"),
+        "run_dir": str(run_dir),
         "tracking": {"uri": tracker.uri, "run_id": mlflow_run} if tracker is not None else None,
     }
     score_name, score_order = STAGE_SCORES[stage]
@@ -213,8 +231,16 @@ def run_stage(
                 score_key: best_metrics.get(score_key),
             }
     run_dir.mkdir(parents=True, exist_ok=True)
+    kept = _remove_orphaned_checkpoints(run_dir, result)
     done_file.write_text(
-        json.dumps({"metrics": metrics, "best_checkpoint": best, "seconds": time.perf_counter() - t0})
+        json.dumps(
+            {
+                "metrics": metrics,
+                "best_checkpoint": best,
+                "checkpoints": kept,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     )
     if tracker is not None:
         tracker.log_artifacts(mlflow_run, export_dir, f"export/{PARTS[stage]}")
@@ -228,26 +254,49 @@ def run_stage(
     return StageResult(stage, name, export_dir, True, metrics, mlflow_run)
 
 
+def _remove_orphaned_checkpoints(run_dir: Path, result: Any) -> list[str]:
+    """Delete checkpoint directories Ray Train never registered (a report lost with a killed worker: the
+    loop resumed from it, and Ray neither lists nor deletes it)."""
+    import shutil
+
+    kept = {Path(c.path).resolve() for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).resolve())
+    for d in run_dir.glob("checkpoint_*"):
+        if d.is_dir() and d.resolve() not in kept:
+            log.info("removing checkpoint %s, which Ray Train never registered", d)
+            shutil.rmtree(d, ignore_errors=True)
+    return sorted(str(p) for p in kept)
+
+
 def stage_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (in-process when ``num_workers=0``)."""
     import torch
 
-    from vgmedgen.platform.tracking import MetricsSink
-    from vgmedgen.platform.training.loop import TrainContext, train_loop
-    from vgmedgen.platform.training.stages import build_task
+    from vgmedgen.platform.training.loop import TrainContext
 
     spec = json.loads(config["spec"])
     cfg = ExperimentConfig.model_validate(spec["experiment"])
-    ctx = TrainContext()
+    ctx = TrainContext(Path(spec["run_dir"]))
     if cfg.train.scaling.use_gpu and torch.cuda.is_available():
         import ray.train.torch  # RAY
 
         device = ray.train.torch.get_device()  # RAY
     else:
         device = torch.device("cpu")
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.scaling.threads)  # part of the stage's identity
+    try:
+        _run_worker(spec, cfg, ctx, device)
+    finally:
+        torch.set_num_threads(threads_before)  # the in-process run (num_workers=0) shares the driver's torch
+
+
+def _run_worker(spec: dict[str, Any], cfg: ExperimentConfig, ctx: Any, device: Any) -> None:
+    from vgmedgen.platform.tracking import MetricsSink
+    from vgmedgen.platform.training.loop import train_loop
+    from vgmedgen.platform.training.stages import build_task
+
     stage = spec["stage"]
     task = build_task(
         stage, cfg, {k: Path(v) for k, v in spec["inputs"].items()}, device, ctx.rank, ctx.world
@@ -263,9 +312,9 @@ def stage_worker(config: dict[str, Any]) -> None:
         from vgmedgen.platform.training.data import StreamBatches
 
         stage_cfg = getattr(cfg.train, stage)
-        source = StreamBatches(
-            ray.train.get_dataset_shard("train"), stage_cfg.batch_size // stage_cfg.grad_accum, cfg.seed
-        )  # RAY
+        # batch_size is global: each rank streams its share of every micro-batch.
+        share = stage_cfg.batch_size // (stage_cfg.grad_accum * ctx.world)
+        source = StreamBatches(ray.train.get_dataset_shard("train"), share, cfg.seed)  # RAY
     train_loop(
         task,
         getattr(cfg.train, stage),

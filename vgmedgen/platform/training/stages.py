@@ -111,6 +111,14 @@ class _Base:
             yield self.val_data.batch(idx, self.device)
 
 
+def global_sum(value: torch.Tensor, world: int) -> torch.Tensor:
+    """``value`` summed over the ranks of the process group (itself when ``world == 1``)."""
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -214,8 +222,11 @@ class DitTask(_Base):
 
     name = "dit"
 
-    def __init__(self, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device, world: int = 1
+    ) -> None:
         super().__init__(cfg, device)
+        self.world = world
         self.visual = load_visual(inputs["visual"], cfg.model.visual).to(device).eval().requires_grad_(False)
         self.text = load_text(inputs["text"], cfg.model.text).to(device).eval().requires_grad_(False)
         self.module: Generator = _seeded(cfg.seed + 2, lambda: build_generator(cfg.model.generator)).to(
@@ -264,11 +275,11 @@ class DitTask(_Base):
 
     def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         terms = self.loss_module(batch["image"], self._conditions(batch), generator, self.step)
-        total = self.module.reduce_loss(terms)
-        out = {"eps": terms["eps"], "total": total}
-        if bool(terms["colour_mask"].any()):
-            out["colour"] = terms["colour"][terms["colour_mask"]]
-        return out
+        mask = terms["colour_mask"]
+        active = global_sum(mask.sum().float(), self.world)  # the colour mean is over the global batch
+        total = self.module.reduce_loss(terms, active_total=active, world=self.world)
+        # "colour" is always present (empty when no sample is active) so that every rank logs the same keys.
+        return {"eps": terms["eps"], "total": total, "colour": terms["colour"][mask.bool()].detach()}
 
     def after_step(self, step: int) -> None:
         self.step = step + 1
@@ -334,5 +345,5 @@ def build_task(
     if stage == "align":
         return AlignTask(cfg, inputs, device)
     if stage == "dit":
-        return DitTask(cfg, inputs, device)
+        return DitTask(cfg, inputs, device, world)
     raise ValueError(f"unknown stage {stage!r}")
