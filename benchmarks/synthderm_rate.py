@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from vgmedgen.platform.synthderm import contact_sheet, synthderm_record
+from vgmedgen.platform.datasets.synthderm import contact_sheet, synthderm_record
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ def main() -> None:
 
     from vgmedgen.platform.config import load_experiment
     from vgmedgen.platform.prepare import prepare_records
-    from vgmedgen.platform.training.pipeline import ensure_text_encoder
+    from vgmedgen.platform.training.driver import ensure_text_encoder
     from vgmedgen.platform.training.runner import run_stage
 
     root = Path(tempfile.mkdtemp(prefix="vgmedgen-bench-"))

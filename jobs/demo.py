@@ -8,7 +8,7 @@ lesion size and position; columns: style prompts spanning pigment and skin tone)
 image (size and position from the stage-1 pseudo-mask, colour from the mean lesion RGB) and
 prints the agreement per factor against its threshold, where the grids are, the model version
 and the command that opens the MLflow UI. Overrides starting with ``adherence.`` set fields of
-:class:`vgmedgen.platform.adherence.AdherenceConfig` (thresholds, grid, seeds).
+:class:`vgmedgen.platform.evaluation.adherence.AdherenceConfig` (thresholds, grid, seeds).
 
 The exit status is 0 when the pipeline worked, even when adherence misses a threshold (that is
 reported loudly): the demo shows what the trained model does, it does not hide it.
@@ -21,10 +21,15 @@ import time
 from pathlib import Path
 
 from vgmedgen.model.configbase import build_config
-from vgmedgen.platform.adherence import AdherenceConfig, AdherenceResult, load_calibration, measure_adherence
 from vgmedgen.platform.cli import job_parser, load_from_args, run_job
 from vgmedgen.platform.config import apply_overrides
-from vgmedgen.platform.training.pipeline import train_experiment
+from vgmedgen.platform.evaluation.adherence import (
+    AdherenceConfig,
+    AdherenceResult,
+    load_calibration,
+    measure_adherence,
+)
+from vgmedgen.platform.training.driver import train_experiment
 
 ADHERENCE_PREFIX = "adherence."
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 
 from vgmedgen.platform.cli import job_parser, load_from_args, run_job
-from vgmedgen.platform.evaluation.run import evaluate_experiment
+from vgmedgen.platform.evaluation.driver import evaluate_experiment
 from vgmedgen.platform.metrics.report import markdown_report
 
 

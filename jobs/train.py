@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from vgmedgen.platform.cli import job_parser, load_from_args, run_job
-from vgmedgen.platform.training.pipeline import train_experiment
+from vgmedgen.platform.training.driver import train_experiment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vgmedgen.model.configbase import ConfigError, build_config
-from vgmedgen.platform.adherence import (
+from vgmedgen.platform.datasets.synthderm import PIGMENT_RGB, STYLE_FACTORS, sample_factors, synthderm_record
+from vgmedgen.platform.evaluation.adherence import (
     FACTOR_CHANCE,
     AdherenceConfig,
     ImageMeasurement,
@@ -22,7 +23,6 @@ from vgmedgen.platform.adherence import (
     score,
 )
 from vgmedgen.platform.records import decode_png
-from vgmedgen.platform.synthderm import PIGMENT_RGB, STYLE_FACTORS, sample_factors, synthderm_record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 import vgmedgen.model.visual as visual_module
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig, load_experiment
+from vgmedgen.platform.datasets.synthderm import synthderm_record
 from vgmedgen.platform.records import records_to_table
-from vgmedgen.platform.synthderm import synthderm_record
 from vgmedgen.platform.training.data import batch_indices, seed_global_rng, step_generator
+from vgmedgen.platform.training.driver import ensure_text_encoder
 from vgmedgen.platform.training.loop import train_loop
-from vgmedgen.platform.training.pipeline import ensure_text_encoder
 from vgmedgen.platform.training.stages import DitTask, build_task
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ from mlflow.tracking import MlflowClient
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.config import load_experiment
+from vgmedgen.platform.datasets.synthderm import synthderm_record
 from vgmedgen.platform.evaluation.control import anatomy_adherence, judge_heads
 from vgmedgen.platform.evaluation.downstream import plan_draws, subset_records
 from vgmedgen.platform.evaluation.generate import GeneratedSet, prompt_rows, write_synthetic_records
 from vgmedgen.platform.metrics.stats import MetricsError
 from vgmedgen.platform.records import records_to_table
-from vgmedgen.platform.synthderm import synthderm_record
 from vgmedgen.platform.training.classify import (
     ClassifierSpec,
     ClassifierTask,
@@ -162,7 +162,7 @@ def test_anatomy_adherence_compares_bins_with_the_source_masks():
 
 
 def test_required_fid_without_weights_fails_before_any_work(tmp_path: Path):
-    from vgmedgen.platform.evaluation.run import evaluate_experiment
+    from vgmedgen.platform.evaluation.driver import evaluate_experiment
 
     cfg = load_experiment(
         REPO / "configs/tiny.yaml", [f"output_root={tmp_path}", "evaluate.fidelity.fid=required"]
@@ -179,7 +179,7 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     controllability, the downstream benchmark (3 seeds on Ray), the report and MLflow."""
     import importlib.util
 
-    from vgmedgen.platform.training.pipeline import train_experiment
+    from vgmedgen.platform.training.driver import train_experiment
 
     overrides = [
         f"output_root={output_root}",

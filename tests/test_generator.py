@@ -15,17 +15,6 @@ from diffusers import AutoencoderKL, PixArtTransformer2DModel
 
 from vgmedgen.model.autoencoder import ComponentNotFoundError
 from vgmedgen.model.configbase import ConfigError
-from vgmedgen.model.diffusion_losses import (
-    add_noise,
-    colour_distribution_loss,
-    epsilon_from_v,
-    epsilon_mse,
-    min_snr_weight,
-    predict_x0,
-    split_learned_sigma,
-    v_target,
-    x0_from_v,
-)
 from vgmedgen.model.ema import EMA
 from vgmedgen.model.generator import (
     GENERATOR_PRESETS,
@@ -33,6 +22,16 @@ from vgmedgen.model.generator import (
     PixArtBackbone,
     build_generator,
     build_generator_config,
+)
+from vgmedgen.model.losses import colour_distribution_loss, epsilon_mse
+from vgmedgen.model.schedule import (
+    add_noise,
+    epsilon_from_v,
+    min_snr_weight,
+    predict_x0,
+    split_learned_sigma,
+    v_target,
+    x0_from_v,
 )
 
 A, S, N = 36, 8, 3

@@ -5,19 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vgmedgen.platform import measure
-from vgmedgen.platform.measure import (
+from vgmedgen.platform.datasets import measure
+from vgmedgen.platform.datasets.captions import (
     anatomy_phrases,
     anatomy_text,
     caption,
+    style_phrases,
+    style_text,
+)
+from vgmedgen.platform.datasets.measure import (
     colour_name,
     describe_bins,
     measure_image,
     measure_mask,
     position_bin,
     size_bin,
-    style_phrases,
-    style_text,
 )
 
 
@@ -106,7 +108,7 @@ def test_ellipse_is_oval_and_star_is_irregular() -> None:
 
 
 def test_size_bins_agree_with_synthderm_ranges() -> None:
-    from vgmedgen.platform.synthderm import SIZE_AREA_FRACTION
+    from vgmedgen.platform.datasets.synthderm import SIZE_AREA_FRACTION
 
     for name, (lo, hi) in SIZE_AREA_FRACTION.items():
         assert size_bin(lo) == name and size_bin(hi) == name

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from vgmedgen.platform.records import decode_png, records_to_table
-from vgmedgen.platform.synthderm import (
+from vgmedgen.platform.datasets.synthderm import (
     ANATOMY_FACTORS,
     CLASS_NAMES,
     CLASSES,
@@ -32,6 +31,7 @@ from vgmedgen.platform.synthderm import (
     size_of_area_fraction,
     synthderm_record,
 )
+from vgmedgen.platform.records import decode_png, records_to_table
 
 SIZE = 32
 

@@ -19,7 +19,7 @@ from vgmedgen.platform.cluster import ClusterError, probe_address
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.prepare import prepare_records
 from vgmedgen.platform.tracking import Tracker
-from vgmedgen.platform.training.pipeline import assemble_version, ensure_text_encoder, train_experiment
+from vgmedgen.platform.training.driver import assemble_version, ensure_text_encoder, train_experiment
 from vgmedgen.platform.training.runner import StageInputError, run_stage, stage_run_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

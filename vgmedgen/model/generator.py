@@ -6,7 +6,7 @@ anatomy vector ``t_a`` and a style vector ``t_s`` instead of a T5 caption. This 
 generator's typed config and presets, the backbone wrapper (stock diffusers module + diffusers'
 adapter API), and :class:`Generator`, which ties backbone, HFFM (``hffm.py``), LoRA
 (``lora.py``), the noise schedule and the optional frozen VAE (``autoencoder.py``) together and
-computes the training loss terms (``diffusion_losses.py``). Sampling lives in ``sampler.py``.
+computes the training loss terms (``losses.py``, schedule arithmetic in ``schedule.py``). Sampling lives in ``sampler.py``.
 
 Backbone modes: ``init: pretrained | scratch`` x ``train: lora | full``. LoRA on a randomly
 initialised frozen base learns nothing, so ``scratch + lora`` is rejected.
@@ -29,17 +29,6 @@ from torch import nn
 
 from vgmedgen.model.autoencoder import FrozenAutoencoder, resolve_component_dir
 from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config, choose_preset, deep_merge
-from vgmedgen.model.diffusion_losses import (
-    add_noise,
-    colour_distribution_loss,
-    epsilon_from_v,
-    epsilon_mse,
-    min_snr_weight,
-    predict_x0,
-    split_learned_sigma,
-    v_target,
-    x0_from_v,
-)
 from vgmedgen.model.hffm import HFFM, HFFMConfig
 from vgmedgen.model.lora import (
     LORA_ADAPTER_NAME,
@@ -47,6 +36,16 @@ from vgmedgen.model.lora import (
     LoraSettings,
     apply_lora,
     lora_module_names,
+)
+from vgmedgen.model.losses import colour_distribution_loss, epsilon_mse
+from vgmedgen.model.schedule import (
+    add_noise,
+    epsilon_from_v,
+    min_snr_weight,
+    predict_x0,
+    split_learned_sigma,
+    v_target,
+    x0_from_v,
 )
 
 __all__ = [

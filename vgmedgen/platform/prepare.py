@@ -82,7 +82,7 @@ def _chunk_records(payload: dict[str, Any], data: PrepareConfig) -> tuple[list[d
     """Build the records of one chunk; return (records, error rows)."""
     records, errors = [], []
     if payload["kind"] == "synthderm":
-        from vgmedgen.platform.synthderm import synthderm_record
+        from vgmedgen.platform.datasets.synthderm import synthderm_record
 
         for index in range(payload["start"], payload["stop"]):
             records.append(synthderm_record(data.synthderm.seed, index, data.resolution))

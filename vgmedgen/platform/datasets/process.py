@@ -1,7 +1,7 @@
 """One source item -> one canonical record (shared/DATASETS.md), and near-duplicate grouping.
 
 :func:`process_item` decodes an item's image and masks, resizes both with the same geometry,
-measures anatomy and style (:mod:`vgmedgen.platform.measure`), writes the prompts, and returns
+measures anatomy and style (:mod:`vgmedgen.platform.datasets.measure`), writes the prompts, and returns
 a dict with every :data:`vgmedgen.platform.records.RECORD_SCHEMA` column except ``split``
 (the prepare job assigns splits by group). It is a pure function of the item and the two
 settings, so the prepare job can map it over items in parallel.
@@ -23,7 +23,7 @@ from PIL import Image
 from scipy.fft import dctn
 
 from vgmedgen.model.configbase import ConfigError
-from vgmedgen.platform import measure
+from vgmedgen.platform.datasets import captions, measure
 from vgmedgen.platform.datasets.common import CorruptInputError, SourceItem
 from vgmedgen.platform.records import encode_png
 
@@ -321,8 +321,8 @@ def process_item(item: SourceItem, resolution: int, resize: ResizePolicy) -> dic
     vocab = DATASET_VOCABULARY.get(item.dataset, DATASET_VOCABULARY["csv"])
     # A JSON round trip keeps attributes serialisable whatever a reader put in metadata.
     metadata = json.loads(json.dumps(dict(item.metadata), default=str))
-    anatomy = measure.anatomy_phrases(mask_m, site=_first(metadata, SITE_KEYS), noun=vocab.noun)
-    style = measure.style_phrases(
+    anatomy = captions.anatomy_phrases(mask_m, site=_first(metadata, SITE_KEYS), noun=vocab.noun)
+    style = captions.style_phrases(
         image_m,
         modality=vocab.modality,
         background=vocab.background,
@@ -347,9 +347,9 @@ def process_item(item: SourceItem, resolution: int, resize: ResizePolicy) -> dic
         "label": item.label,
         "image": encode_png(np.ascontiguousarray(image)),
         "mask": None if mask is None else encode_png(mask.astype(np.uint8) * 255),
-        "caption": item.caption or measure.caption(anatomy, style, item.id),
-        "anatomy_text": measure.join_anatomy_phrases(anatomy),
-        "style_text": measure.join_style_phrases(style),
+        "caption": item.caption or captions.caption(anatomy, style, item.id),
+        "anatomy_text": captions.join_anatomy_phrases(anatomy),
+        "style_text": captions.join_style_phrases(style),
         "attributes": attributes,
         "source": item.source,
     }

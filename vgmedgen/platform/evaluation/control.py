@@ -7,7 +7,7 @@ report per factor the share of images whose judged value is the one requested, b
 own accuracy on real validation images (the ceiling) and chance.
 
 Anatomy adherence: the stage-1 segmentor's pseudo-mask of a generated image is measured (size bin,
-position bin; ``platform.measure``) and compared with the same measurement of the true mask of the
+position bin; ``platform.datasets.measure``) and compared with the same measurement of the true mask of the
 training record whose anatomy prompt was used: the prompt was written from that mask.
 
 Shape legend: N images, H/W size.
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from vgmedgen.model.domain_nets import domain_net_config
+from vgmedgen.platform.datasets.measure import measure_mask, position_bin, size_bin
+from vgmedgen.platform.datasets.synthderm import ANATOMY_FACTORS, FACTORS, STYLE_FACTORS
 from vgmedgen.platform.evaluation.generate import PromptRows, generate
-from vgmedgen.platform.measure import measure_mask, position_bin, size_bin
-from vgmedgen.platform.synthderm import ANATOMY_FACTORS, FACTORS, STYLE_FACTORS
 from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, TrainedNet, fit_classifier, predict
 from vgmedgen.platform.training.config import ScalingOptions, StageTrainConfig
 

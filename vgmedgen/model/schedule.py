@@ -1,4 +1,6 @@
-"""Diffusion training losses of the generator: pure functions, unreduced over the batch.
+"""Diffusion schedule arithmetic of the generator: noising, v and x0 conversions, loss weights.
+
+Pure functions; the loss terms themselves are in :mod:`vgmedgen.model.losses`.
 
 Notation: ``x0`` clean sample (pixels in [-1, 1] or VAE latents), ``eps`` unit Gaussian noise,
 ``a = alpha_bar_t`` the cumulative product of ``1 - beta`` at the sample's timestep.
@@ -11,9 +13,7 @@ import torch
 
 __all__ = [
     "add_noise",
-    "colour_distribution_loss",
     "epsilon_from_v",
-    "epsilon_mse",
     "min_snr_weight",
     "predict_x0",
     "split_learned_sigma",
@@ -117,47 +117,3 @@ def split_learned_sigma(out: torch.Tensor, in_channels: int) -> torch.Tensor:
             f"model output has {out.shape[1]} channels, expected {in_channels} or {2 * in_channels}"
         )
     return out
-
-
-def epsilon_mse(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Epsilon-prediction loss per sample: ``mean_{c,h,w} (eps_pred - eps)^2``.
-
-    Args:
-        eps_pred: (N, C, H, W) predicted noise (the first half of a learned-sigma output).
-        eps: (N, C, H, W) the noise that was added.
-
-    Returns:
-        (N,) float32 loss per sample.
-    """
-    if eps_pred.shape != eps.shape:
-        raise ValueError(f"eps_pred {tuple(eps_pred.shape)} and eps {tuple(eps.shape)} differ in shape")
-    return (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)
-
-
-def colour_distribution_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Colour distribution loss per sample: match per-channel mean and standard deviation.
-
-    ``L = mean_c (mu_c(pred) - mu_c(target))^2 + mean_c (sigma_c(pred) - sigma_c(target))^2``
-
-    with ``mu_c`` the mean and ``sigma_c = sqrt(var_c + 1e-12)`` the population standard deviation
-    (no Bessel correction) of channel ``c`` over the image; the 1e-12 keeps the gradient finite
-    on a flat channel. This is the
-    reference's statistic (VG-MedGen, "color distribution loss"), kept differentiable in ``pred``
-    so that it trains the model.
-
-    Args:
-        pred: (N, 3, H, W) generated (decoded one-step estimate) images.
-        target: (N, 3, H, W) real images, same value range as ``pred``.
-
-    Returns:
-        (N,) float32 loss per sample.
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    p = pred.float().flatten(2)  # (N, 3, H*W)
-    t = target.float().flatten(2)  # (N, 3, H*W)
-    mean_term = (p.mean(dim=2) - t.mean(dim=2)).pow(2).mean(dim=1)  # (N,)
-    p_std = (p.var(dim=2, correction=0) + 1e-12).sqrt()  # (N, 3)
-    t_std = (t.var(dim=2, correction=0) + 1e-12).sqrt()  # (N, 3)
-    std_term = (p_std - t_std).pow(2).mean(dim=1)  # (N,)
-    return mean_term + std_term

@@ -6,8 +6,8 @@ with several seeds. Each generated image is then *measured*, never judged by eye
 
 - size and position come from the stage-1 segmentor's pseudo-mask (the mask ``generate``
   returns), binarised at ``mask_threshold``: its area fraction is read back into a size bin with
-  SynthDerm's own :func:`~vgmedgen.platform.synthderm.size_of_area_fraction` and its centroid into
-  a position with :func:`~vgmedgen.platform.synthderm.position_of_centroid`, the functions that
+  SynthDerm's own :func:`~vgmedgen.platform.datasets.synthderm.size_of_area_fraction` and its centroid into
+  a position with :func:`~vgmedgen.platform.datasets.synthderm.position_of_centroid`, the functions that
   define those factors in the data;
 - colour is the mean RGB inside that mask, matched to the nearest *reference colour* among the
   pigments; it agrees when the nearest pigment is the one the column asked for.
@@ -42,7 +42,7 @@ from pydantic import Field, field_validator, model_validator
 
 from vgmedgen.model.configbase import StrictConfig
 from vgmedgen.model.sampler import SamplerConfig
-from vgmedgen.platform.synthderm import (
+from vgmedgen.platform.datasets.synthderm import (
     ANATOMY_FACTORS,
     FACTORS,
     PIGMENT_RGB,
