@@ -18,7 +18,7 @@ from vgmedgen.model.vgmedgen import VGMedGen, write_manifest
 from vgmedgen.platform.cluster import ClusterError, probe_address
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.prepare import prepare_records
-from vgmedgen.platform.tracking import Tracker
+from vgmedgen.platform.tracking import Tracker, resolve_model
 from vgmedgen.platform.training.driver import assemble_version, ensure_text_encoder, train_experiment
 from vgmedgen.platform.training.runner import StageInputError, run_stage, stage_run_name
 
@@ -88,8 +88,10 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
     assert any("swap_grid" in p for p in samples) and any("samples_step000002" in p for p in samples)
 
     # the registry alias resolves to the model version, which loads and samples
-    resolved = Tracker(cfg.tracking, cfg.root, cfg.name).resolve(f"vgmedgen-tiny@{cfg.tracking.alias}")
-    model = VGMedGen.from_pretrained(resolved)
+    resolved = resolve_model(f"vgmedgen-tiny@{cfg.tracking.alias}", cfg)
+    assert resolved.name.startswith("vgmedgen-tiny-v") and resolved.run_id == parent.info.run_id
+    assert resolved.path.name == "model_version" and len(resolved.id) == 64
+    model = VGMedGen.from_pretrained(resolved.path)
     cond = model.conditions_from_prompts(["a small round lesion"], ["dark brown pigment"])
     images, masks = model.generate(cond, [3], sampler=cfg.model.sampler.model_copy(update={"num_steps": 2}))
     assert images.shape == (1, 3, 16, 16) and masks.shape == (1, 1, 16, 16)

@@ -20,7 +20,6 @@ Shape legend: N batch, A anatomy prior width, S style width, H/W image size, L c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils.sha import sha_fileobj
 from pydantic import BaseModel, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -156,11 +156,8 @@ class ModelConfig(StrictConfig):
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return sha_fileobj(f).hex()  # the hub's own chunked sha256
 
 
 def write_manifest(directory: Path, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

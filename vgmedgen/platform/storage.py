@@ -10,12 +10,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "stable_hash"]
+__all__ = ["atomic_directory", "file_digest", "row_key", "stable_hash", "stable_int"]
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:
     """A short, stable hash of a JSON-serialisable object (keys sorted): run names and cache keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def stable_int(text: str) -> int:
+    """A stable 32-bit integer of a string (the first 4 bytes of its sha256, big-endian): choices that
+    must not change between processes, unlike Python's ``hash``."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def row_key(seed: int, row_id: object, nbytes: int = 8) -> int:
+    """A pseudo-random unsigned key of ``nbytes`` for a row: BLAKE2b of (seed, ``str(row_id)``), little-endian.
+    It depends only on its arguments, so a sample drawn by smallest keys is the same on any shard layout."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{row_id}".encode(), digest_size=nbytes).digest()
+    return int.from_bytes(digest, "little")
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes (read in blocks): a file's content identity."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextmanager

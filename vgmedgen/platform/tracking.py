@@ -13,14 +13,26 @@ import os
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
-from vgmedgen.model.configbase import StrictConfig
+from vgmedgen.model.configbase import ConfigError, StrictConfig
 
-__all__ = ["MetricsSink", "Tracker", "TrackingConfig", "flatten"]
+if TYPE_CHECKING:
+    from vgmedgen.platform.config import ExperimentConfig
+
+__all__ = [
+    "MetricsSink",
+    "ModelRef",
+    "ModelNotFoundError",
+    "Tracker",
+    "TrackingConfig",
+    "flatten",
+    "resolve_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -215,23 +227,91 @@ class Tracker:
         self.client.set_registered_model_alias(self.model_name, self.cfg.alias, mv.version)
         return str(mv.version)
 
-    def resolve(self, ref: str) -> Path:
-        """A local directory for ``models:/<name>@<alias>``, ``<name>@<alias>`` or a plain directory path."""
-        path = Path(ref).expanduser()
-        if path.is_dir():
-            return path
-        spec = ref.removeprefix("models:/")
-        name, _, alias = spec.partition("@")
-        if not alias:
-            raise FileNotFoundError(
-                f"{ref!r} is neither a model version directory nor a registry reference '<name>@<alias>'"
-            )
+    def version_by_alias(self, name: str, alias: str) -> Any:
+        """The registry's model version ``name@alias`` (an MLflow ``ModelVersion``), or a clear error."""
         from mlflow.exceptions import MlflowException
 
         try:
-            mv = self.client.get_model_version_by_alias(name, alias)
+            return self.client.get_model_version_by_alias(name, alias)
         except MlflowException as exc:
-            raise FileNotFoundError(
-                f"No registered model version {name}@{alias} in {self.uri}: {exc.message}"
+            known = ", ".join(sorted(m.name for m in self.client.search_registered_models())) or "none"
+            raise ModelNotFoundError(
+                f"No registered model version {name}@{alias} in {self.uri} ({exc.message}). Registered models: "
+                f"{known}. Train one first (jobs/train.py registers <name>@{self.cfg.alias}), or give a directory."
             ) from None
-        return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=self.uri))
+
+    def download(self, source: str) -> Path:
+        """A local copy of a registered version's artifacts (MLflow caches nothing: each call copies)."""
+        return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=self.uri))
+
+    def run_of_version(self, version: str) -> str | None:
+        """The parent train run tagged with a model version's directory name, if this store has one."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.model_version = '{version}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model reference names neither a model version directory nor a registered version."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved, verified model version.
+
+    Attributes:
+        ref: what the user wrote (a directory or ``<name>@<alias>``).
+        path: the local model version directory.
+        id: the sha256 of its ``manifest.json``, which holds every file's sha256: its content identity.
+        name: a short name for reports: ``<name>-v<N>`` for a registry reference, else the directory's name.
+        run_id: the MLflow run that produced it, when the tracking store knows it.
+    """
+
+    ref: str
+    path: Path
+    id: str
+    name: str
+    run_id: str | None = None
+
+
+def resolve_model(ref: str, cfg: ExperimentConfig, *, tracker: Tracker | None = None) -> ModelRef:
+    """The one resolver of model references: a directory, or ``<name>@<alias>`` (``models:/`` optional)
+    in the experiment's MLflow registry, to a verified :class:`ModelRef`.
+
+    Every file of the version is checked against its manifest's hash before it is returned, so a
+    half-copied or edited version fails here with the file it found wrong, not deep inside loading.
+
+    Args:
+        ref: the reference.
+        cfg: the experiment (its tracking settings and output root locate the registry).
+        tracker: an open :class:`Tracker` of ``cfg`` to reuse (one is opened when needed).
+    """
+    from vgmedgen.model.vgmedgen import verify_manifest
+    from vgmedgen.platform.storage import file_digest
+
+    path = Path(ref).expanduser()
+    run_id: str | None = None
+    if path.is_dir():
+        name = path.name
+    else:
+        spec = ref.removeprefix("models:/")
+        model_name, _, alias = spec.partition("@")
+        if not alias or not model_name:
+            raise ModelNotFoundError(
+                f"model {ref!r}: no such model version directory, and not a registry reference '<name>@<alias>' "
+                "(e.g. vgmedgen-demo@current)"
+            )
+        if tracker is None:
+            if not cfg.tracking.enabled:
+                raise ConfigError(
+                    f"model {ref!r} is a registry reference, but tracking is disabled (tracking.enabled=false): "
+                    "enable tracking or give the model version's directory"
+                )
+            tracker = Tracker(cfg.tracking, cfg.root, cfg.name)
+        mv = tracker.version_by_alias(model_name, alias)
+        path, run_id, name = tracker.download(mv.source), mv.run_id, f"{model_name}-v{mv.version}"
+    verify_manifest(path)
+    if run_id is None and tracker is not None:
+        run_id = tracker.run_of_version(path.name)
+    return ModelRef(ref=ref, path=path, id=file_digest(path / "manifest.json"), name=name, run_id=run_id)

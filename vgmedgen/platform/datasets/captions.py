@@ -14,12 +14,12 @@ Typical use::
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from vgmedgen.platform.datasets.measure import describe_bins
+from vgmedgen.platform.storage import stable_int
 
 __all__ = [
     "anatomy_phrases",
@@ -226,7 +226,7 @@ def caption(anatomy: Mapping[str, str], style: Mapping[str, str], record_id: str
         record_id: the record's id.
     """
     slots = {**anatomy, **style}
-    choice = int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:4], "big") % len(_TEMPLATES)
+    choice = stable_int(record_id) % len(_TEMPLATES)
     parts: list[str] = []
     for before, slot, after in _TEMPLATES[choice]:
         if slot in slots:

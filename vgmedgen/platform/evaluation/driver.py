@@ -94,25 +94,12 @@ def domain_extractor(cfg: ExperimentConfig, storage: Path):
     return fit_classifier(spec, storage / "nets", f"domain-{kind}", ev.scaling), kind
 
 
-def _model_run(tracker, ref: str, version_dir: Path) -> tuple[str | None, str]:
-    """(the MLflow run that produced a model version, a name for it): the registry's run and
-    ``<name>-v<version>`` for an alias, else the run tagged with the directory's name, and that name."""
-    if "@" in ref and not Path(ref).expanduser().is_dir():
-        name, _, alias = ref.removeprefix("models:/").partition("@")
-        mv = tracker.client.get_model_version_by_alias(name, alias)
-        return mv.run_id, f"{name}-v{mv.version}"
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.model_version = '{version_dir.name}'", max_results=1
-    )
-    return (runs[0].info.run_id if runs else None), version_dir.name
-
-
 def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) -> EvaluationOutcome:
     """Run the evaluation that ``cfg.evaluate`` describes; see the module docstring."""
     from vgmedgen.model.vgmedgen import VGMedGen
     from vgmedgen.platform.cluster import connect
     from vgmedgen.platform.prepare import prepare_records
-    from vgmedgen.platform.tracking import Tracker
+    from vgmedgen.platform.tracking import Tracker, resolve_model
 
     t0 = time.perf_counter()
     ev = cfg.evaluate
@@ -122,6 +109,7 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     model = None
     version_dir: Path | None = None
+    model_ref = None
     ref = ev.model
     if ev.generated_dir is None:
         if ref is None:
@@ -130,9 +118,8 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
                     "evaluate.model is unset and tracking is off: set evaluate.model to a model version directory"
                 )
             ref = f"{tracker.model_name}@{cfg.tracking.alias}"
-        version_dir = tracker.resolve(ref) if tracker is not None else Path(ref).expanduser()
-        if not version_dir.is_dir():
-            raise FileNotFoundError(f"evaluate.model {ref} is not a model version directory")
+        model_ref = resolve_model(ref, cfg, tracker=tracker)
+        version_dir = model_ref.path
         model = VGMedGen.from_pretrained(version_dir)
         if model.config.image_size != cfg.data.resolution:
             raise ConfigError(
@@ -143,12 +130,10 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
     prepare_records(cfg, address=address)
     storage = cfg.root / "evaluation" / cfg.data.records_name
     run_id = None
-    if version_dir is None:
+    if model_ref is None:
         tag = Path(ev.generated_dir).name
-    elif tracker is not None:
-        run_id, tag = _model_run(tracker, ref, version_dir)
     else:
-        tag = version_dir.name
+        run_id, tag = model_ref.run_id, model_ref.name
     out_dir = cfg.root / "evaluation" / cfg.name / tag
     report_warnings = [fid_warning] if fid_warning else []
     scalars: dict[str, float] = {}

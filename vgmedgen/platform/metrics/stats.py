@@ -13,7 +13,6 @@ Shape legend: N rows (images), D feature width, M subset size.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from vgmedgen.platform.storage import row_key
 
 __all__ = [
     "FeatureReservoir",
@@ -412,12 +413,7 @@ def row_keys(seed: int, row_ids: Sequence[Any]) -> np.ndarray:
     sample of size k that no shard order, shard size or worker count can change. Row ids are compared
     as their ``str``: ``7`` and ``"7"`` are the same row.
     """
-    prefix = f"{int(seed)}\x00".encode()
-    keys = np.empty(len(row_ids), dtype=np.uint64)
-    for i, row_id in enumerate(row_ids):
-        digest = hashlib.blake2b(prefix + str(row_id).encode(), digest_size=_KEY_BYTES).digest()
-        keys[i] = int.from_bytes(digest, "little")
-    return keys
+    return np.fromiter((row_key(seed, row_id, _KEY_BYTES) for row_id in row_ids), np.uint64, len(row_ids))
 
 
 def _bottom_k(keys: np.ndarray, ids: list[str], k: int) -> np.ndarray:

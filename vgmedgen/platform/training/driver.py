@@ -112,7 +112,7 @@ def train_experiment(
     """
     from vgmedgen.platform.cluster import connect
     from vgmedgen.platform.prepare import prepare_records
-    from vgmedgen.platform.tracking import Tracker
+    from vgmedgen.platform.tracking import Tracker, resolve_model
 
     t0 = time.perf_counter()
     cfg.check_trainable()
@@ -124,10 +124,7 @@ def train_experiment(
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     parts: dict[str, Path] = {}
     if cfg.train.init_from:
-        base = tracker.resolve(cfg.train.init_from) if tracker else Path(cfg.train.init_from)
-        if not base.is_dir():
-            raise FileNotFoundError(f"train.init_from {cfg.train.init_from} is not a model version directory")
-        parts.update(_parts_from(base))
+        parts.update(_parts_from(resolve_model(cfg.train.init_from, cfg, tracker=tracker).path))
     parts["text_encoder"] = ensure_text_encoder(cfg)
     # The job's MLflow parent run: one per config (scaling included: it is part of every stage's identity).
     job_key = (
