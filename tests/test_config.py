@@ -44,6 +44,16 @@ def test_typo_names_field_and_suggests():
     assert "data.resolutoin" in msg and "Did you mean 'resolution'" in msg and "Valid fields here" in msg
 
 
+@pytest.mark.parametrize(
+    "override", ["model.visual.lr=1e-3", "model.visual.betas=[0.9,0.99]", "model.text.lr=1e-3"]
+)
+def test_optimiser_settings_of_the_models_are_gone(override: str):
+    """The loop optimises with train.<stage>; a model-level lr would be accepted and silently ignored."""
+    with pytest.raises(ConfigError) as e:
+        load_experiment(REPO / "configs/tiny.yaml", [override])
+    assert override.split("=")[0] in str(e.value)
+
+
 def test_wrong_type_names_path_and_value():
     with pytest.raises(ConfigError) as e:
         load_experiment(None, ["data.resolution=big"])

@@ -15,7 +15,6 @@ import datetime
 import json
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from loopcontext import LocalContext
 
 import vgmedgen.model.visual as visual_module
 from vgmedgen.model.configbase import ConfigError
@@ -133,31 +133,6 @@ def _ddp(module: torch.nn.Module, parallel_strategy_kwargs: dict | None = None) 
     return torch.nn.parallel.DistributedDataParallel(module, **(parallel_strategy_kwargs or {}))
 
 
-class _Checkpoint:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield str(self.path)
-
-
-class _Context:
-    """Ray Train's context for the loop: rank, world, the latest checkpoint (none: a fresh run), report."""
-
-    def __init__(self, store: Path, rank: int, world: int) -> None:
-        self.rank, self.world, self.store = rank, world, store
-        store.mkdir(parents=True, exist_ok=True)
-
-    def latest_checkpoint(self):
-        found = sorted(self.store.glob("ckpt-*"))
-        return _Checkpoint(found[-1]) if found else None
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, self.store / f"ckpt-{metrics['step']:04d}")
-
-
 def _rank_gradient(stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], rank: int) -> dict:
     task = _task(stage, cfg, inputs, rank, WORLD)
     task.wrap_for_ddp(_ddp)
@@ -175,7 +150,7 @@ def _rank_gradient(stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], r
 
 def _rank_steps(stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], rank: int, store: Path) -> dict:
     task = _task(stage, cfg, inputs, rank, WORLD)
-    ctx = _Context(store / f"rank{rank}", rank, WORLD)
+    ctx = LocalContext(store / f"rank{rank}", rank, WORLD)
     metrics = train_loop(task, getattr(cfg.train, stage), cfg.seed, ctx, CPU, prepare_model=_ddp)
     return {"state": task.state_dict(), "metrics": metrics}
 

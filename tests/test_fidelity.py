@@ -324,3 +324,12 @@ def test_domain_net_config_errors() -> None:
         SegmentationEncoder(domain_net_config("tiny"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_domain_net("/nonexistent/net.safetensors")
+
+
+def test_the_config_names_the_file_torch_fidelity_fetches() -> None:
+    """The config module names the weights file without importing torch-fidelity; it must stay its file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    from vgmedgen.platform.evaluation.config import INCEPTION_WEIGHTS_FILE
+
+    assert URL_INCEPTION_V3.rsplit("/", 1)[-1] == INCEPTION_WEIGHTS_FILE

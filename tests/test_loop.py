@@ -3,44 +3,19 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
 import io
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from loopcontext import LocalContext
 
 from vgmedgen.platform.training.config import StageTrainConfig
 from vgmedgen.platform.training.loop import train_loop
 
 STEPS = 6
-
-
-class _Checkpoint:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield str(self.path)
-
-
-class _Context:
-    """What the loop needs of Ray Train's context: rank, world, the latest checkpoint, report."""
-
-    def __init__(self, store: Path, rank: int = 0, world: int = 1) -> None:
-        self.rank, self.world, self.store = rank, world, store
-
-    def latest_checkpoint(self):
-        found = sorted(self.store.glob("ckpt-*"))
-        return _Checkpoint(found[-1]) if found else None
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, self.store / f"ckpt-{metrics['step']:04d}")
 
 
 class _DropoutTask:
@@ -99,7 +74,7 @@ def _cfg(**extra) -> StageTrainConfig:
 
 
 def _run(task, store: Path, rank: int = 0, world: int = 1, **extra) -> None:
-    train_loop(task, _cfg(**extra), 7, _Context(store, rank, world), torch.device("cpu"))
+    train_loop(task, _cfg(**extra), 7, LocalContext(store, rank, world), torch.device("cpu"))
 
 
 def test_dropout_draws_are_a_function_of_seed_step_and_rank(tmp_path: Path) -> None:
@@ -123,7 +98,7 @@ def test_dropout_draws_are_a_function_of_seed_step_and_rank(tmp_path: Path) -> N
 def test_resumed_run_repeats_the_undisturbed_runs_draws_and_weights(tmp_path: Path) -> None:
     clean = _DropoutTask()
     _run(clean, tmp_path / "clean")
-    ctx, marker = _Context(tmp_path / "fault"), tmp_path / "fault_injected"
+    ctx, marker = LocalContext(tmp_path / "fault"), tmp_path / "fault_injected"
     first = _DropoutTask()
     with pytest.raises(RuntimeError, match="injected fault at step 4"):
         train_loop(first, _cfg(fail_at_step=4), 7, ctx, torch.device("cpu"), fault_marker=marker)

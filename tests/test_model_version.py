@@ -7,6 +7,7 @@ Also the helpers other tests import to get a small model with non-trivial weight
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from vgmedgen.model.vgmedgen import (  # noqa: E402
     build_model,
     save_generator,
     save_visual,
+    write_manifest,
 )
 from vgmedgen.model.visual import VisualDisentangler  # noqa: E402
 
@@ -206,6 +208,26 @@ def test_lora_mode_round_trip_and_adapter_loads_in_diffusers(encoder_dir: Path, 
     assert theirs and sorted(theirs) == sorted(ours)
     assert all(torch.equal(theirs[n], ours[n]) for n in ours)
     assert any(float(p.detach().abs().max()) > 0 for n, p in theirs.items() if ".lora_B." in n)
+
+
+def test_a_version_written_before_the_model_optimiser_fields_were_retired_still_loads(
+    full_model: VGMedGen, version_copy: Path
+) -> None:
+    # Versions registered before 2026-12 carry model.visual.lr/betas and model.text.lr/batch_size,
+    # which the model config now refuses in a config file; the saved version must keep loading.
+    path = version_copy / "model_config.json"
+    raw = json.loads(path.read_text())
+    raw["visual"].update(lr=1e-4, betas=[0.5, 0.999])
+    raw["text"].update(lr=1e-4, batch_size=32)
+    path.write_text(json.dumps(raw))
+    write_manifest(version_copy, {"kind": "vgmedgen-model-version", "preset": raw["preset"]})
+    with pytest.raises(ValidationError, match="visual.lr"):
+        ModelConfig.model_validate(raw)
+    assert_same_model(full_model, VGMedGen.from_pretrained(version_copy))
+    path.write_text("{not json")
+    write_manifest(version_copy)
+    with pytest.raises(ModelVersionError, match="not a readable model config"):
+        VGMedGen.from_pretrained(version_copy)
 
 
 def test_saving_over_a_version_drops_files_the_new_model_does_not_write(

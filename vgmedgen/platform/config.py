@@ -24,9 +24,8 @@ from pydantic import Field, field_validator, model_validator
 
 from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
 from vgmedgen.model.vgmedgen import ModelConfig
-from vgmedgen.platform.datasets.common import ReaderOptions
-from vgmedgen.platform.evaluation.config import EvaluateConfig
-from vgmedgen.platform.tracking import TrackingConfig
+from vgmedgen.platform.datasets.config import ReaderOptions
+from vgmedgen.platform.evaluation.config import AdherenceConfig, EvaluateConfig
 from vgmedgen.platform.training.config import TrainConfig
 
 __all__ = [
@@ -44,6 +43,31 @@ __all__ = [
 OUTPUT_ROOT_ENV = "VGMEDGEN_OUTPUT_ROOT"
 DEFAULT_OUTPUT_ROOT = "~/vgmedgen"
 DATASET_NAMES = ("synthderm", "ham10000", "kvasir_seg", "busi", "csv")
+
+
+class TrackingConfig(StrictConfig):
+    """Where runs are recorded and under what names."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under output_root."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; default the experiment's name.")
+    registered_model: str | None = Field(
+        None, description="Model Registry name; default vgmedgen-<experiment name>."
+    )
+    alias: str = Field(
+        "current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="Registry alias of the newest version."
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or (v[0] in "vV" and v[1:].isdigit()):
+            raise ValueError(
+                f"MLflow reserves the alias {v!r} ('latest' and v<N>); use e.g. 'current' or 'champion'"
+            )
+        return v
 
 
 class SplitConfig(StrictConfig):
@@ -134,6 +158,8 @@ class ExperimentConfig(StrictConfig):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    # The demo's swap-grid adherence check; like evaluate and tracking, in no training identity.
+    adherence: AdherenceConfig = AdherenceConfig()
 
     def check_trainable(self) -> None:
         """Raise :class:`ConfigError` unless the records' resolution is the model's image size."""

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 
 from vgmedgen.platform.config import ExperimentConfig, PrepareConfig
 from vgmedgen.platform.records import RECORD_SCHEMA, RecordError, records_to_table
+from vgmedgen.platform.runs import records_key
 from vgmedgen.platform.splits import assign_splits
-from vgmedgen.platform.storage import stable_hash
 
-__all__ = ["PrepareError", "PrepareSummary", "prepare_records", "data_config_hash"]
+__all__ = ["PrepareError", "PrepareSummary", "prepare_records"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,6 @@ class PrepareSummary:
         totals = [sum(self.counts.get(s, {}).values()) for s in splits]
         lines.append(f"{'all':<{width}} " + " ".join(f"{n:>7}" for n in totals) + f" {sum(totals):>7}")
         return "\n".join(lines)
-
-
-def data_config_hash(data: PrepareConfig) -> str:
-    """A short hash of everything that determines the records (the data section of the config)."""
-    return stable_hash(data.model_dump(mode="json"), 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +179,7 @@ def prepare_records(
 
     data = cfg.data
     dest = cfg.records_dir
-    chash = data_config_hash(data)
+    chash = records_key(data)
     manifest = _read_manifest(dest)
     if manifest and manifest.get("config_hash") == chash and not fresh:
         summary = PrepareSummary(**{**manifest["summary"], "reused": True})

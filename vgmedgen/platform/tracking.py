@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator
-
-from vgmedgen.model.configbase import ConfigError, StrictConfig
+from vgmedgen.model.configbase import ConfigError
+from vgmedgen.platform.config import TrackingConfig
 
 if TYPE_CHECKING:
     from vgmedgen.platform.config import ExperimentConfig
@@ -37,31 +36,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "vgmedgen.run_key"
-
-
-class TrackingConfig(StrictConfig):
-    """Where runs are recorded and under what names."""
-
-    enabled: bool = True
-    uri: str | None = Field(
-        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite under output_root."
-    )
-    experiment: str | None = Field(None, description="MLflow experiment name; default the experiment's name.")
-    registered_model: str | None = Field(
-        None, description="Model Registry name; default vgmedgen-<experiment name>."
-    )
-    alias: str = Field(
-        "current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="Registry alias of the newest version."
-    )
-
-    @field_validator("alias")
-    @classmethod
-    def _not_reserved(cls, v: str) -> str:
-        if v.lower() == "latest" or (v[0] in "vV" and v[1:].isdigit()):
-            raise ValueError(
-                f"MLflow reserves the alias {v!r} ('latest' and v<N>); use e.g. 'current' or 'champion'"
-            )
-        return v
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

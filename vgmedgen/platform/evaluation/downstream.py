@@ -26,7 +26,8 @@ from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.evaluation.config import DownstreamConfig
 from vgmedgen.platform.evaluation.generate import PromptRows, generate, prompt_rows, write_synthetic_records
 from vgmedgen.platform.records import read_records
-from vgmedgen.platform.storage import atomic_directory, stable_hash
+from vgmedgen.platform.runs import subset_name, synthetic_set_name
+from vgmedgen.platform.storage import atomic_directory
 from vgmedgen.platform.training.classify import (
     ClassifierSpec,
     HeadSpec,
@@ -53,10 +54,7 @@ def subset_records(records_dir: Path, per_class: int, seed: int, out_root: Path)
     for lab in sorted(set(labels[split == "train"])):
         rows = np.flatnonzero((split == "train") & (labels == lab))
         keep[rng.permutation(rows)[:per_class]] = True
-    out = (
-        out_root
-        / f"lowdata-{per_class}-{seed}-{stable_hash(sorted(p.name for p in Path(records_dir).glob('*.parquet')))}"
-    )
+    out = out_root / subset_name(records_dir, per_class, seed)
     if not (out / "part-00000.parquet").is_file():
         with atomic_directory(out) as tmp:
             pq.write_table(table.filter(keep), tmp / "part-00000.parquet")
@@ -196,7 +194,9 @@ def run_downstream(
         out = (
             storage
             / "synthetic"
-            / f"{origin}-{plan}-{stable_hash([records_dir.name, seed, draws.tolist(), sampler and sampler.model_dump()])}"
+            / synthetic_set_name(
+                origin, plan, [records_dir.name, seed, draws.tolist(), sampler and sampler.model_dump()]
+            )
         )
         if not (out / "part-00000.parquet").is_file():
             picked = rows.take(draws)

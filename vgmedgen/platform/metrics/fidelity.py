@@ -21,17 +21,16 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from vgmedgen.model.configbase import StrictConfig
 from vgmedgen.model.domain_nets import DomainNet, load_domain_net
+from vgmedgen.platform.evaluation.config import INCEPTION_WEIGHTS_FILE, FidelityConfig
 from vgmedgen.platform.metrics.stats import (
     FeatureStats,
     FeatureSummary,
@@ -69,7 +68,6 @@ __all__ = [
 
 INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
 INCEPTION_FEATURE_LAYER = "2048"  # torch-fidelity's default layer for FID and KID
-INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 DOMAIN_EXTRACTOR_NAME = "vgmedgen-domain"
 DOMAIN_FEATURE_LAYER = "features"
 
@@ -94,42 +92,6 @@ DOMAIN_KD_METRIC_NAMES: dict[str, str] = {
 def domain_metric_names(dataset: str) -> tuple[str, str]:
     """(FD name, KD name) of a dataset's domain distances; other datasets get the generic DFD/DKD."""
     return DOMAIN_METRIC_NAMES.get(dataset, "DFD"), DOMAIN_KD_METRIC_NAMES.get(dataset, "DKD")
-
-
-class FidelityConfig(StrictConfig):
-    """How FID/KID and the domain distances are computed."""
-
-    fid: Literal["auto", "required", "off"] = Field(
-        "auto",
-        description="auto: compute FID/KID when the Inception weights file exists, else warn and skip; "
-        "required: fail without it; off: never.",
-    )
-    feature_extractor_weights_path: Path | None = Field(
-        None, description=f"Local copy of torch-fidelity's Inception weights ({INCEPTION_WEIGHTS_FILE})."
-    )
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per feature-extraction batch.")
-    kid_subsets: int = Field(100, ge=1, le=100_000, description="Random subsets of the kernel distance.")
-    kid_subset_size: int = Field(
-        1000, ge=2, description="Rows per KID subset (adapted down for small sets, with a warning)."
-    )
-    reservoir_size: int = Field(
-        10_000,
-        ge=2,
-        description="Rows per set kept (seeded, shard-order independent) for kernel distances and floors.",
-    )
-    seed: int = Field(
-        2020, description="Seed of the KID subsets and the reservoir sample (2020 = torch-fidelity's)."
-    )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @model_validator(mode="after")
-    def _reservoir_holds_a_subset(self) -> FidelityConfig:
-        if self.reservoir_size < self.kid_subset_size:
-            raise ValueError(
-                f"reservoir_size ({self.reservoir_size}) must be >= kid_subset_size ({self.kid_subset_size}): "
-                "kernel distances draw their subsets from the reservoir"
-            )
-        return self
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

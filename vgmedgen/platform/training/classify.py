@@ -41,7 +41,8 @@ from vgmedgen.model.domain_nets import (
     save_domain_net,
 )
 from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_images, decode_masks, read_records, read_split
-from vgmedgen.platform.storage import atomic_directory, stable_hash
+from vgmedgen.platform.runs import net_run_name
+from vgmedgen.platform.storage import atomic_directory
 from vgmedgen.platform.training.config import ScalingOptions, StageTrainConfig
 from vgmedgen.platform.training.data import unit_range
 
@@ -382,16 +383,6 @@ def load_trained_net(directory: Path) -> TrainedNet:
     return TrainedNet(load_domain_net(directory / "net.safetensors"), heads, directory, metrics)
 
 
-def _fingerprint(spec: ClassifierSpec) -> str:
-    """Hash of the spec plus the content of its record directories (their part-file names and sizes)."""
-    data = spec.model_dump(mode="json")
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("log_every", "fail_at_step")}
-    files = []
-    for d in (spec.records_dir, *spec.extra_train):
-        files += sorted((p.name, p.stat().st_size) for p in Path(d).glob("*.parquet"))
-    return stable_hash([data, files], 12)
-
-
 def fit_classifier(
     spec: ClassifierSpec, storage: Path, name: str, scaling: ScalingOptions | None = None
 ) -> TrainedNet:
@@ -399,34 +390,29 @@ def fit_classifier(
 
     The run name is ``<name>-<hash of spec and data>``; its export is ``<storage>/<run>/export``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from vgmedgen.platform.training.trainer import build_trainer
 
     scaling = scaling or ScalingOptions(num_workers=0)
-    run = f"{name}-{_fingerprint(spec)}"
+    run = net_run_name(name, spec.model_dump(mode="json"), (spec.records_dir, *spec.extra_train))
     export = Path(storage) / run / "export"
     if (export / "net.safetensors").is_file():
         log.info("[%s] reusing the trained network at %s", name, export)
         return load_trained_net(export)
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = build_trainer(
         classifier_worker,
-        train_loop_config={"spec": spec.model_dump_json(), "export": str(export), "name": name},
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=spec.train.num_to_keep,
-                checkpoint_score_attribute=f"{name}/val_score",
-                checkpoint_score_order="max",
-            ),
-        ),
+        {
+            "spec": spec.model_dump_json(),
+            "export": str(export),
+            "name": name,
+            "use_gpu": scaling.use_gpu,
+            "threads": scaling.threads_per_worker,
+        },
+        scaling,
+        name=run,
+        storage=Path(storage),
+        score_attribute=f"{name}/val_score",
+        score_order="max",
+        num_to_keep=spec.train.num_to_keep,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -436,20 +422,11 @@ def fit_classifier(
 
 def classifier_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function of :func:`fit_classifier` (the shared loop on a ClassifierTask)."""
-    import os
-
     from vgmedgen.platform.training.loop import TrainContext, train_loop
+    from vgmedgen.platform.training.trainer import worker_session
 
     spec = ClassifierSpec.model_validate_json(config["spec"])
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    ctx = TrainContext()
-    if torch.cuda.is_available():
-        import ray.train.torch  # RAY
-
-        device = ray.train.torch.get_device()  # RAY
-    else:
-        device = torch.device("cpu")
-    task = ClassifierTask(spec, device, name=config["name"])
-    train_loop(task, spec.train, spec.seed, ctx, device, export_dir=Path(config["export"]))
+    # threads None: the worker's own count (Ray sets OMP_NUM_THREADS from its CPUs), as before.
+    with worker_session(config["use_gpu"], config["threads"], spec.seed) as device:
+        task = ClassifierTask(spec, device, name=config["name"])
+        train_loop(task, spec.train, spec.seed, TrainContext(), device, export_dir=Path(config["export"]))

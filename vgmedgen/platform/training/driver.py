@@ -10,8 +10,9 @@ from pathlib import Path
 
 from vgmedgen.model.vgmedgen import assemble_model_version
 from vgmedgen.platform.config import ExperimentConfig
-from vgmedgen.platform.storage import atomic_directory, stable_hash
-from vgmedgen.platform.training.runner import PARTS, StageResult, dir_fingerprint, run_stage
+from vgmedgen.platform.runs import encoder_name, job_key, version_name
+from vgmedgen.platform.storage import atomic_directory
+from vgmedgen.platform.training.runner import PARTS, StageResult, run_stage
 
 __all__ = ["TrainSummary", "assemble_version", "train_experiment", "ensure_text_encoder"]
 
@@ -53,8 +54,7 @@ def ensure_text_encoder(cfg: ExperimentConfig) -> Path:
         for t in row
     ]
     words = vocabulary_from_texts(texts)
-    key = stable_hash([words, text.encoder_hidden, text.encoder_layers, text.encoder_heads, cfg.seed], 12)
-    out = cfg.root / "encoders" / f"{cfg.data.records_name}-{key}"
+    out = cfg.root / "encoders" / encoder_name(cfg, words)
     if not (out / "config.json").is_file():
         with atomic_directory(out) as tmp:
             build_text_encoder(
@@ -76,13 +76,7 @@ def assemble_version(cfg: ExperimentConfig, parts: dict[str, Path]) -> Path:
     assembled with), so a retrained part (``--fresh``, a changed stage) is always a new version, and the
     same parts are always the same version, whatever the run names.
     """
-    version = stable_hash(
-        {
-            "parts": {p: dir_fingerprint(parts[p]) for p in ("visual", "text", "generator")},
-            "model": cfg.model.model_dump(mode="json"),
-        },
-        12,
-    )
+    version = version_name(cfg, parts)
     version_dir = cfg.root / "models" / cfg.name / version
     if not (version_dir / "manifest.json").is_file():
         with atomic_directory(version_dir) as tmp:
@@ -127,14 +121,12 @@ def train_experiment(
         parts.update(_parts_from(resolve_model(cfg.train.init_from, cfg, tracker=tracker).path))
     parts["text_encoder"] = ensure_text_encoder(cfg)
     # The job's MLflow parent run: one per config (scaling included: it is part of every stage's identity).
-    job_key = (
-        f"{cfg.name}-job-{stable_hash(cfg.model_dump(mode='json', exclude={'tracking', 'evaluate'}), 12)}"
-    )
+    key = job_key(cfg)
     parent = None
     if tracker is not None:
         if fresh:  # retrained stages make a new model version: give it a new parent run to be logged under
-            tracker.retire(job_key, f"{job_key}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        parent = tracker.run(key=job_key, name=f"{cfg.name}-train", tags={"job": "train"})
+            tracker.retire(key, f"{key}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        parent = tracker.run(key=key, name=f"{cfg.name}-train", tags={"job": "train"})
         tracker.log_params(parent, cfg.model_dump(mode="json", exclude={"evaluate"}))
     results = []
     for stage in cfg.train.stages:

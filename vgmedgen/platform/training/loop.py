@@ -333,15 +333,20 @@ def _train_loop(
     return metrics
 
 
+def global_sum(value: torch.Tensor, world: int) -> torch.Tensor:
+    """``value`` summed over the ranks of the process group (itself when ``world == 1`` or no group)."""
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)  # a sum over ranks
+    return value
+
+
 def _global_means(sums: dict[str, float], counts: dict[str, int], world: int) -> dict[str, float]:
     """Each term's mean over the global batch: the per-rank sums and counts added over ranks."""
     names = sorted(sums)
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([sums[n] for n in names] + [float(counts[n]) for n in names], dtype=torch.float64)
-        torch.distributed.all_reduce(t)  # gloo/NCCL sum over ranks (CPU tensor: gloo, or NCCL's CPU path)
-        sums = dict(zip(names, t[: len(names)].tolist()))
-        counts = dict(zip(names, t[len(names) :].tolist()))
-    return {n: sums[n] / counts[n] for n in names if counts[n] > 0}
+    t = torch.tensor([sums[n] for n in names] + [float(counts[n]) for n in names], dtype=torch.float64)
+    t = global_sum(t, world).tolist()
+    return {n: t[i] / t[len(names) + i] for i, n in enumerate(names) if t[len(names) + i] > 0}
 
 
 def _pending_from(directory: Path) -> list[tuple[int, dict[str, float]]]:

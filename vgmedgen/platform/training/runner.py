@@ -21,18 +21,16 @@ from typing import Any
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig
-from vgmedgen.platform.storage import stable_hash
+from vgmedgen.platform.runs import read_done, stage_identity, stage_run_name, write_done
 from vgmedgen.platform.training.config import STAGE_SCORES, STAGES
 
-__all__ = ["StageResult", "StageInputError", "run_stage", "stage_run_name", "PARTS"]
+__all__ = ["StageResult", "StageInputError", "run_stage", "PARTS"]
 
 log = logging.getLogger(__name__)
 
 # What each stage exports into the model version, and which parts it consumes.
 PARTS = {"visual": "visual", "align": "text", "dit": "generator"}
 NEEDS = {"visual": (), "align": ("visual",), "dit": ("visual", "text")}
-
-DONE = "DONE.json"
 
 
 class StageInputError(FileNotFoundError):
@@ -47,52 +45,6 @@ class StageResult:
     trained: bool
     metrics: dict[str, float]
     mlflow_run_id: str | None = None
-
-
-def dir_fingerprint(directory: Path) -> str:
-    """A hash of a stage export's manifest (content hashes) or, lacking one, of its file names and sizes."""
-    manifest = directory / "manifest.json"
-    if manifest.is_file():
-        return stable_hash(manifest.read_text())
-    return stable_hash(
-        sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file())
-    )
-
-
-# Per-stage settings that do not change what a stage computes (logging cadence, fault drills).
-_NOT_IDENTITY = ("log_every", "fail_at_step", "fail_mode", "sample_every")
-# The model sections each stage's result depends on. Sampler settings are in none of them.
-_MODEL_PARTS = {"visual": ("visual",), "align": ("visual", "text"), "dit": ("visual", "text", "generator")}
-
-
-def stage_identity(
-    cfg: ExperimentConfig, stage: str, inputs: dict[str, Path] | None = None
-) -> dict[str, Any]:
-    """Everything that determines a stage's result, and nothing else.
-
-    visual: data + model.visual + train.visual + seed; align adds model.text, train.align and the
-    fingerprints of its inputs (the visual export, the text encoder); dit adds model.generator, train.dit
-    and its inputs. Every stage also carries the world size and threads per worker: each rank draws its own
-    noise stream and the thread count changes reduction order, so a 1-worker and a 2-worker run differ.
-    """
-    model = cfg.model.model_dump(mode="json")
-    stage_cfg = getattr(cfg.train, stage).model_dump(mode="json")
-    sc = cfg.train.scaling
-    return {
-        "stage": stage,
-        "data": cfg.data.model_dump(mode="json"),
-        "model": {part: model[part] for part in _MODEL_PARTS[stage]},
-        "train": {k: v for k, v in stage_cfg.items() if k not in _NOT_IDENTITY},
-        "ingest": cfg.train.ingest,
-        "world": {"workers": sc.world_size, "threads_per_worker": sc.threads},
-        "seed": cfg.seed,
-        "inputs": {k: dir_fingerprint(Path(v)) for k, v in sorted((inputs or {}).items())},
-    }
-
-
-def stage_run_name(cfg: ExperimentConfig, stage: str, inputs: dict[str, Path]) -> str:
-    """``<experiment>-<stage>-<hash of its identity>``: the same name exactly when the same work is asked."""
-    return f"{cfg.name}-{stage}-{stable_hash(stage_identity(cfg, stage, inputs), 12)}"
 
 
 def run_stage(
@@ -114,8 +66,7 @@ def run_stage(
         parent_run_id: the job's MLflow parent run.
         fresh: move an existing run of the same name aside and start anew.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from vgmedgen.platform.training.trainer import build_trainer
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
@@ -137,7 +88,6 @@ def run_stage(
         if tracker is not None:
             tracker.retire(name, aside.name)  # the new run gets its own MLflow run and metric history
     export_dir = run_dir / "export" / PARTS[stage]
-    done_file = run_dir / DONE
     stage_cfg = getattr(cfg.train, stage)
     mlflow_run = None
     if tracker is not None:
@@ -145,10 +95,10 @@ def run_stage(
             key=name,
             name=f"{stage}",
             parent_id=parent_run_id,
-            tags={"stage": stage, "config_hash": stable_hash(stage_identity(cfg, stage, inputs))},
+            tags={"stage": stage, "config_hash": name.rsplit("-", 1)[1]},
         )
-    if done_file.is_file():
-        done = json.loads(done_file.read_text())
+    done = read_done(run_dir)
+    if done is not None:
         print(
             f"[{stage}] finished earlier as run {name}; nothing to train (use --fresh to retrain)", flush=True
         )
@@ -168,9 +118,6 @@ def run_stage(
     score_name, score_order = STAGE_SCORES[stage]
     score_key = f"{stage}/val_{score_name}"
     sc = cfg.train.scaling
-    resources = {"CPU": sc.cpus_per_worker}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
     datasets = None
     if cfg.train.ingest == "ray_data":
         import ray
@@ -190,26 +137,16 @@ def run_stage(
             .filter(expr="split == 'train'")
             .map_batches(decode_record_batch, batch_size=256, num_cpus=0.5)
         }
-    trainer = TorchTrainer(
+    trainer = build_trainer(
         stage_worker,
+        {"spec": json.dumps(spec)},
+        sc,
+        name=name,
+        storage=storage,
+        score_attribute=score_key,
+        score_order=score_order,
+        num_to_keep=stage_cfg.num_to_keep,  # the best by validation score, plus always the latest
         datasets=datasets,
-        train_loop_config={"spec": json.dumps(spec)},
-        scaling_config=ScalingConfig(
-            num_workers=sc.num_workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=sc.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=stage_cfg.num_to_keep,  # the best by validation score, plus always the latest
-                checkpoint_score_attribute=score_key,
-                checkpoint_score_order=score_order,
-            ),
-        ),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -232,15 +169,14 @@ def run_stage(
             }
     run_dir.mkdir(parents=True, exist_ok=True)
     kept = _remove_orphaned_checkpoints(run_dir, result)
-    done_file.write_text(
-        json.dumps(
-            {
-                "metrics": metrics,
-                "best_checkpoint": best,
-                "checkpoints": kept,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
+    write_done(
+        run_dir,
+        {
+            "metrics": metrics,
+            "best_checkpoint": best,
+            "checkpoints": kept,
+            "seconds": time.perf_counter() - t0,
+        },
     )
     if tracker is not None:
         tracker.log_artifacts(mlflow_run, export_dir, f"export/{PARTS[stage]}")
@@ -271,25 +207,14 @@ def _remove_orphaned_checkpoints(run_dir: Path, result: Any) -> list[str]:
 
 def stage_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (in-process when ``num_workers=0``)."""
-    import torch
-
     from vgmedgen.platform.training.loop import TrainContext
+    from vgmedgen.platform.training.trainer import worker_session
 
     spec = json.loads(config["spec"])
     cfg = ExperimentConfig.model_validate(spec["experiment"])
-    ctx = TrainContext(Path(spec["run_dir"]))
-    if cfg.train.scaling.use_gpu and torch.cuda.is_available():
-        import ray.train.torch  # RAY
-
-        device = ray.train.torch.get_device()  # RAY
-    else:
-        device = torch.device("cpu")
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.train.scaling.threads)  # part of the stage's identity
-    try:
-        _run_worker(spec, cfg, ctx, device)
-    finally:
-        torch.set_num_threads(threads_before)  # the in-process run (num_workers=0) shares the driver's torch
+    sc = cfg.train.scaling
+    with worker_session(sc.use_gpu, sc.threads, cfg.seed) as device:  # threads: part of the stage's identity
+        _run_worker(spec, cfg, TrainContext(Path(spec["run_dir"])), device)
 
 
 def _run_worker(spec: dict[str, Any], cfg: ExperimentConfig, ctx: Any, device: Any) -> None:

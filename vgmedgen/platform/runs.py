@@ -1,0 +1,170 @@
+"""Run identity: the one scheme that names every piece of work the platform may reuse.
+
+A name is ``<what>-<hash of its identity>``, where the identity holds everything that determines the
+result and nothing else (not logging cadence, fault drills, tracking or sampler settings). The same
+name therefore means the same work: a finished run is reused, an interrupted one resumes, and a
+changed setting starts a new one. Every name and fingerprint below is built here, with
+:func:`vgmedgen.platform.storage.stable_hash`; nothing else hashes configs into names.
+
+Names:
+
+- stage runs ``<experiment>-<stage>-<hash12>`` (:func:`stage_run_name`), from :func:`stage_identity`;
+- evaluation networks ``<net>-<hash12>`` (:func:`net_run_name`): the spec plus its records' part files;
+- the train job's MLflow parent run ``<experiment>-job-<hash12>`` (:func:`job_key`);
+- model versions, by content (:func:`version_name`), and the built text encoder (:func:`encoder_name`);
+- records (:func:`records_key`), low-data subsets (:func:`subset_name`) and synthetic sets
+  (:func:`synthetic_set_name`).
+
+A finished stage run holds a done-marker, ``DONE.json`` (:func:`write_done`, :func:`read_done`),
+written last, with its metrics and kept checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vgmedgen.platform.storage import stable_hash
+
+if TYPE_CHECKING:
+    from vgmedgen.platform.config import ExperimentConfig
+
+__all__ = [
+    "DONE",
+    "dir_fingerprint",
+    "encoder_name",
+    "job_key",
+    "net_run_name",
+    "read_done",
+    "records_files",
+    "records_key",
+    "stage_identity",
+    "stage_run_name",
+    "subset_name",
+    "synthetic_set_name",
+    "version_name",
+    "write_done",
+]
+
+DONE = "DONE.json"
+
+# Per-stage settings that do not change what a stage computes (logging cadence, fault drills).
+_NOT_IDENTITY = ("log_every", "fail_at_step", "fail_mode", "sample_every")
+# The model sections each stage's result depends on. Sampler settings are in none of them.
+_MODEL_PARTS = {"visual": ("visual",), "align": ("visual", "text"), "dit": ("visual", "text", "generator")}
+# Sections of the experiment config that change no trained weight: out of the train job's key.
+_NOT_TRAINING = {"tracking", "evaluate", "adherence"}
+
+
+def dir_fingerprint(directory: Path) -> str:
+    """A hash of a stage export's manifest (content hashes) or, lacking one, of its file names and sizes."""
+    directory = Path(directory)
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        return stable_hash(manifest.read_text())
+    return stable_hash(
+        sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file())
+    )
+
+
+def records_files(directories: Iterable[str | Path]) -> list[tuple[str, int]]:
+    """The Parquet part files of record directories, as sorted (name, size) pairs per directory, in order."""
+    files: list[tuple[str, int]] = []
+    for d in directories:
+        files += sorted((p.name, p.stat().st_size) for p in Path(d).glob("*.parquet"))
+    return files
+
+
+def stage_identity(
+    cfg: ExperimentConfig, stage: str, inputs: Mapping[str, Path] | None = None
+) -> dict[str, Any]:
+    """Everything that determines a stage's result, and nothing else.
+
+    visual: data + model.visual + train.visual + seed; align adds model.text, train.align and the
+    fingerprints of its inputs (the visual export, the text encoder); dit adds model.generator, train.dit
+    and its inputs. Every stage also carries the world size and threads per worker: each rank draws its own
+    noise stream and the thread count changes reduction order, so a 1-worker and a 2-worker run differ.
+    """
+    model = cfg.model.model_dump(mode="json")
+    stage_cfg = getattr(cfg.train, stage).model_dump(mode="json")
+    sc = cfg.train.scaling
+    return {
+        "stage": stage,
+        "data": cfg.data.model_dump(mode="json"),
+        "model": {part: model[part] for part in _MODEL_PARTS[stage]},
+        "train": {k: v for k, v in stage_cfg.items() if k not in _NOT_IDENTITY},
+        "ingest": cfg.train.ingest,
+        "world": {"workers": sc.world_size, "threads_per_worker": sc.threads},
+        "seed": cfg.seed,
+        "inputs": {k: dir_fingerprint(Path(v)) for k, v in sorted((inputs or {}).items())},
+    }
+
+
+def stage_run_name(cfg: ExperimentConfig, stage: str, inputs: Mapping[str, Path] | None = None) -> str:
+    """``<experiment>-<stage>-<hash of its identity>``: the same name exactly when the same work is asked."""
+    return f"{cfg.name}-{stage}-{stable_hash(stage_identity(cfg, stage, inputs), 12)}"
+
+
+def net_run_name(name: str, spec: Mapping[str, Any], records_dirs: Sequence[str | Path]) -> str:
+    """``<name>-<hash>`` of an evaluation network: its spec (a JSON dump, optimisation included, logging and
+    fault drills left out) and the part files of the records it trains on."""
+    data = json.loads(json.dumps(spec))
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("log_every", "fail_at_step")}
+    return f"{name}-{stable_hash([data, records_files(records_dirs)], 12)}"
+
+
+def job_key(cfg: ExperimentConfig) -> str:
+    """The train job's MLflow parent-run key: the config without the sections that change no weight
+    (scaling is in: it is part of every stage's identity)."""
+    return f"{cfg.name}-job-{stable_hash(cfg.model_dump(mode='json', exclude=_NOT_TRAINING), 12)}"
+
+
+def version_name(cfg: ExperimentConfig, parts: Mapping[str, Path]) -> str:
+    """A model version's name: a hash of its content (each part's manifest and the model config), so a
+    retrained part is always a new version and the same parts always the same one, whatever the run names."""
+    return stable_hash(
+        {
+            "parts": {p: dir_fingerprint(parts[p]) for p in ("visual", "text", "generator")},
+            "model": cfg.model.model_dump(mode="json"),
+        },
+        12,
+    )
+
+
+def encoder_name(cfg: ExperimentConfig, words: Sequence[str]) -> str:
+    """The directory name of the small text encoder built from the records' vocabulary."""
+    text = cfg.model.text
+    key = stable_hash(
+        [list(words), text.encoder_hidden, text.encoder_layers, text.encoder_heads, cfg.seed], 12
+    )
+    return f"{cfg.data.records_name}-{key}"
+
+
+def records_key(data: Any) -> str:
+    """A hash of everything that determines the records (the data section of the config)."""
+    return stable_hash(data.model_dump(mode="json"), 16)
+
+
+def subset_name(records_dir: str | Path, per_class: int, seed: int) -> str:
+    """A low-data subset of a records directory: ``per_class`` train rows per class drawn with ``seed``."""
+    files = sorted(p.name for p in Path(records_dir).glob("*.parquet"))
+    return f"lowdata-{per_class}-{seed}-{stable_hash(files)}"
+
+
+def synthetic_set_name(origin: str, plan: str, identity: Any) -> str:
+    """A set of synthetic records: where its prompts came from, its plan, and everything that drew it."""
+    return f"{origin}-{plan}-{stable_hash(identity)}"
+
+
+def write_done(run_dir: Path, payload: Mapping[str, Any]) -> None:
+    """Mark a run finished (written last: a run without it is unfinished and resumes)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / DONE).write_text(json.dumps(payload))
+
+
+def read_done(run_dir: Path) -> dict[str, Any] | None:
+    """The done-marker of a finished run, or None for an unfinished one."""
+    path = Path(run_dir) / DONE
+    return json.loads(path.read_text()) if path.is_file() else None
