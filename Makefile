@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --config configs/demo.yaml
 
 demo-long: $(STAMP)
-	$(PY) jobs/demo.py --config configs/demo-long.yaml adherence.seeds_per_cell=4
+	$(PY) jobs/demo.py --config configs/demo-long.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)

@@ -13,26 +13,37 @@ Conditions: --anatomy with --style, or --caption, or --reference (style from the
 
 Writes ``<i>.png``, ``<i>_mask.png`` (the stage-1 pseudo-mask, 0/255) and ``samples.json`` (each
 image's prompts, seed and model version; image i has seed ``seed + i``) to --out, by default
-``<output_root>/samples/<model version hash>-seed<seed>``, and prints where. --address and --fresh
-are accepted like every job's but unused: sampling runs here, without a cluster.
+``<output_root>/samples/<model version hash>-seed<seed>``, and prints where. Every PNG records in
+its text chunks that it is synthetic, with the same fields. --address and --fresh are accepted
+like every job's but unused: sampling runs here, without a cluster.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.cli import job_parser, load_from_args, run_job
-from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.generation.request import parse_request
+from vgmedgen.platform.generation.sample import generate_samples, load_model, load_references, write_samples
+from vgmedgen.platform.tracking import resolve_model
+
+# Request field -> the flag that sets it (messages name the flag).
+FLAGS = {
+    "anatomy_prompt": "--anatomy",
+    "style_prompt": "--style",
+    "caption": "--caption",
+    "reference": "--reference",
+    "n": "--n",
+    "seed": "--seed",
+    "num_steps": "--steps",
+    "guidance_anatomy": "--guidance-anatomy",
+    "guidance_style": "--guidance-style",
+}
 
 
-def _parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument(
         "--model", "-m", required=True, help="model version directory or registry reference <name>@<alias>"
@@ -49,139 +60,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the model's sampler config)")
     parser.add_argument("--guidance-anatomy", type=float, help="anatomy guidance g_a (default: the model's)")
     parser.add_argument("--guidance-style", type=float, help="style guidance g_s (default: the model's)")
-    return parser
-
-
-def resolve_model(ref: str, cfg: ExperimentConfig) -> Path:
-    """A model version directory for ``ref``: an existing directory, or ``<name>@<alias>`` in the registry."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if "@" not in ref:
-        raise FileNotFoundError(
-            f"--model {ref}: no such model version directory, and not a registry reference '<name>@<alias>'"
-        )
-    if not cfg.tracking.enabled:
-        raise ConfigError(
-            f"--model {ref} is a registry reference, but tracking is disabled (tracking.enabled=false)"
-        )
-    from vgmedgen.platform.tracking import Tracker
-
-    return Tracker(cfg.tracking, cfg.root, cfg.name).resolve(ref)
-
-
-def read_reference(path_text: str) -> Any:
-    """Open ``--reference`` as an RGB PIL image, with a clear error for a missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--reference {path}: no such image file")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ConfigError(
-            f"--reference {path} is not a readable image ({exc}); give a PNG or JPEG file"
-        ) from None
-
-
-def model_version_id(directory: Path) -> str:
-    """The sha256 of the version's manifest (which holds every file's hash): its content identity."""
-    manifest = directory / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"--model {directory} is not a model version: {manifest} is missing")
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
-
-
-def _load_quietly(pipeline_cls: Any, model_dir: Path) -> Any:
-    """Load the pipeline without transformers' per-tensor "Loading weights" bar (noise around errors)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return pipeline_cls.from_pretrained(model_dir)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for name in ("n", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name} must be a positive integer, got {value}")
+    args = parser.parse_args(argv)
+    fields = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in FLAGS.items()}
+    if args.reference:
+        fields["reference"] = str(Path(args.reference).expanduser().resolve())
+    # A bad request or reference image fails here, before the model loads.
+    request = parse_request({k: v for k, v in fields.items() if v is not None}, names=FLAGS)
     cfg = load_from_args(args)
-    from vgmedgen.model.pipeline import VGMedGenPipeline
-
-    reference = read_reference(args.reference) if args.reference else None
-    # Wrong prompt combinations fail here, before the model loads.
-    VGMedGenPipeline.check_inputs(args.caption, args.anatomy, args.style, reference)
-    model_dir = resolve_model(args.model, cfg)
-    version = model_version_id(model_dir)
-
-    pipe = _load_quietly(VGMedGenPipeline, model_dir)
-    pipe.set_progress_bar_config(disable=args.quiet)
-    out = pipe(
-        anatomy_prompt=args.anatomy,
-        style_prompt=args.style,
-        prompt=args.caption,
-        reference_image=reference,
-        num_images_per_prompt=args.n,
-        num_inference_steps=args.steps,
-        guidance_anatomy=args.guidance_anatomy,
-        guidance_style=args.guidance_style,
-        seed=args.seed,
-        output_type="pil",
+    references = load_references([request], name="--reference")
+    model = resolve_model(args.model, cfg)
+    samples = generate_samples(
+        load_model(model.path), [request], references=references, progress=not args.quiet
     )
-
-    out_dir = (
-        Path(args.out).expanduser() if args.out else cfg.root / "samples" / f"{version[:12]}-seed{args.seed}"
+    out = (
+        Path(args.out).expanduser()
+        if args.out
+        else cfg.root / "samples" / f"{model.id[:12]}-seed{request.seed}"
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sampler = pipe.model.config.sampler
-    settings = {
-        "num_steps": args.steps or sampler.num_steps,
-        "guidance_anatomy": sampler.guidance_anatomy
-        if args.guidance_anatomy is None
-        else args.guidance_anatomy,
-        "guidance_style": sampler.guidance_style if args.guidance_style is None else args.guidance_style,
-    }
-    prompts = {
-        "anatomy_prompt": args.anatomy,
-        "style_prompt": args.style,
-        "caption": args.caption,
-        "reference": str(Path(args.reference).expanduser().resolve()) if args.reference else None,
-    }
-    prompts = {k: v for k, v in prompts.items() if v is not None}
-    samples = []
-    for i, (image, mask, seed) in enumerate(zip(out.images, out.masks, out.seeds)):
-        image.save(out_dir / f"{i}.png")
-        mask.save(out_dir / f"{i}_mask.png")
-        samples.append(
-            {
-                "image": f"{i}.png",
-                "mask": f"{i}_mask.png",
-                "seed": seed,
-                **prompts,
-                "model_version": version,
-                **settings,
-            }
-        )
-    index = {
-        "model_version": {
-            "ref": args.model,
-            "directory": str(model_dir.resolve()),
-            "manifest_sha256": version,
-        },
-        "sampler": settings,
-        "samples": samples,
-    }
-    (out_dir / "samples.json").write_text(json.dumps(index, indent=2))
-    print(f"wrote {len(samples)} images and pseudo-masks to {out_dir}")
-    print(f"index: {out_dir / 'samples.json'}")
+    index = write_samples(samples, out, model)
+    print(f"wrote {len(samples)} images and pseudo-masks to {out}")
+    print(f"index: {index}")
     return 0
 
 

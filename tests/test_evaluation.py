@@ -15,7 +15,9 @@ from mlflow.tracking import MlflowClient
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.config import load_experiment
+from vgmedgen.platform.datasets.measure import describe_bins, measure_mask
 from vgmedgen.platform.datasets.synthderm import synthderm_record
+from vgmedgen.platform.evaluation.adherence import prompt_vocabulary
 from vgmedgen.platform.evaluation.control import anatomy_adherence, judge_heads
 from vgmedgen.platform.evaluation.downstream import plan_draws, subset_records
 from vgmedgen.platform.evaluation.generate import GeneratedSet, prompt_rows, write_synthetic_records
@@ -146,19 +148,37 @@ def test_low_data_subset_keeps_val_and_test(records: Path, tmp_path: Path):
     assert max(train_labels.count(c) for c in set(train_labels)) == 5
 
 
-def test_anatomy_adherence_compares_bins_with_the_source_masks():
+def test_anatomy_adherence_scores_in_the_vocabulary_that_wrote_the_prompts(records: Path):
+    # Real data: the prompts were written from the caption bins of the source masks (9-cell grid).
     src = torch.zeros(3, 1, 30, 30)
     src[0, :, 12:18, 12:18] = 1  # small, centre
     src[1, :, 0:12, 0:12] = 1  # upper left
     src[2, :, 18:30, 18:30] = 1  # lower right
-    has = torch.tensor([True, True, True])
-    same = anatomy_adherence(src.clone(), src, has)
-    assert same["anatomy/size_agreement"] == 1.0 and same["anatomy/position_agreement"] == 1.0
-    moved = src.roll(shifts=(0, 15), dims=(2, 3))  # same sizes, other places
-    shifted = anatomy_adherence(moved, src, has)
-    assert shifted["anatomy/size_agreement"] == 1.0 and shifted["anatomy/position_agreement"] < 1.0
-    empty = anatomy_adherence(torch.zeros_like(src), src, has)
-    assert empty["anatomy/empty"] == 1.0 and empty["anatomy/size_agreement"] == 0.0
+    written = [describe_bins(measure_mask(m[0].numpy() > 0.5), None) for m in src]
+    written.append({"mask_policy": "none"})  # a record without a mask asks for no size: skipped
+    gen = torch.cat([src, torch.zeros(1, 1, 30, 30)])
+    same = anatomy_adherence(gen, written, vocabulary="caption")
+    assert same["adherence/caption/pseudo_mask/size"] == same["adherence/caption/pseudo_mask/position"] == 1.0
+    assert same["adherence/caption/pseudo_mask/n"] == 3.0
+    moved = gen.roll(shifts=(0, 15), dims=(2, 3))  # same sizes, other places
+    shifted = anatomy_adherence(moved, written, vocabulary="caption")
+    assert shifted["adherence/caption/pseudo_mask/size"] == 1.0
+    assert shifted["adherence/caption/pseudo_mask/position"] < 1.0
+    empty = anatomy_adherence(torch.zeros_like(gen), written, vocabulary="caption")
+    assert (
+        empty["adherence/caption/pseudo_mask/empty"] == 1.0
+        and empty["adherence/caption/pseudo_mask/size"] == 0.0
+    )
+    # SynthDerm: the prompts were written from its factors, so its own functions read the masks
+    # (centre plus quadrants), and the true masks agree exactly with the factors.
+    rows = prompt_rows(records, "val")
+    syn = anatomy_adherence(rows.masks, rows.attributes, vocabulary=prompt_vocabulary("synthderm"))
+    assert (
+        syn["adherence/synthderm/pseudo_mask/size"] == syn["adherence/synthderm/pseudo_mask/position"] == 1.0
+    )
+    # A request written in the other vocabulary is refused, naming the fix.
+    with pytest.raises(ValueError, match="score it in caption"):
+        anatomy_adherence(gen, [*written[:3], {"size": "small", "position": "upper"}], vocabulary="synthderm")
 
 
 def test_required_fid_without_weights_fails_before_any_work(tmp_path: Path):
@@ -225,7 +245,11 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     assert all(d["floor"] is not None for d in report["distances"])
     assert 0.0 <= report["memorisation"]["share"] <= 1.0
     s = report["scalars"]
-    assert {"anatomy/size_agreement", "anatomy/position_agreement", "control/swapped_pigment"} <= set(s)
+    assert {
+        "adherence/synthderm/pseudo_mask/size",
+        "adherence/synthderm/pseudo_mask/position",
+        "control/swapped_pigment",
+    } <= set(s)
     runs = report["tables"]["Downstream runs"]
     assert {(r["plan"], r["seed"]) for r in runs} == {
         (p, k) for p in ("real", "balance", "x0.5") for k in (0, 1, 2)

@@ -19,6 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vgmedgen.platform.images import png_bytes
+
 __all__ = [
     "RECORD_SCHEMA",
     "SPLITS",
@@ -65,8 +67,12 @@ class RecordError(ValueError):
     """Records that do not match the canonical schema; the message names the column and row."""
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 RGB image or an (H, W) uint8 mask."""
+def encode_png(array: np.ndarray, provenance: Mapping[str, Any] | None = None) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 RGB image or an (H, W) uint8 mask.
+
+    ``provenance`` is for generated images only: it is embedded and marks the PNG synthetic
+    (:func:`vgmedgen.platform.images.png_bytes`); real records are encoded without it.
+    """
     if array.dtype != np.uint8:
         raise RecordError(f"PNG encoding needs uint8 pixels, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 3:
@@ -75,11 +81,9 @@ def encode_png(array: np.ndarray) -> bytes:
         mode = "L"
     else:
         raise RecordError(f"PNG encoding needs (H, W, 3) or (H, W), got shape {array.shape}")
-    buf = io.BytesIO()
     # compress_level 1: records are written once and read many times; level 1 is ~5x faster
     # to write than the default and only slightly larger.
-    Image.fromarray(array, mode=mode).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png_bytes(Image.fromarray(array, mode=mode), provenance, compress_level=1)
 
 
 def decode_png(data: bytes, mode: str = "RGB") -> np.ndarray:

@@ -6,15 +6,17 @@ prompts of one validation record) or *swapped* (anatomy from one record, style f
 report per factor the share of images whose judged value is the one requested, beside the judge's
 own accuracy on real validation images (the ceiling) and chance.
 
-Anatomy adherence: the stage-1 segmentor's pseudo-mask of a generated image is measured (size bin,
-position bin; ``platform.datasets.measure``) and compared with the same measurement of the true mask of the
-training record whose anatomy prompt was used: the prompt was written from that mask.
+Anatomy adherence: the stage-1 segmentor's pseudo-mask of a generated image is measured and binned
+in the vocabulary that wrote its prompt (SynthDerm's factors, or the caption bins of real data), and
+compared with the size and position the prompt's source record was written from; the binning and the
+scoring are :mod:`vgmedgen.platform.evaluation.adherence`'s, the same as the demo's.
 
 Shape legend: N images, H/W size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ import numpy as np
 import torch
 
 from vgmedgen.model.domain_nets import domain_net_config
-from vgmedgen.platform.datasets.measure import measure_mask, position_bin, size_bin
 from vgmedgen.platform.datasets.synthderm import ANATOMY_FACTORS, FACTORS, STYLE_FACTORS
+from vgmedgen.platform.evaluation.adherence import PSEUDO_MASK, adherence, measure_masks
 from vgmedgen.platform.evaluation.generate import PromptRows, generate
 from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, TrainedNet, fit_classifier, predict
 from vgmedgen.platform.training.config import ScalingOptions, StageTrainConfig
@@ -187,31 +189,33 @@ def plot_confusions(result: ControlResult, path: Path) -> Path:
 
 
 def anatomy_adherence(
-    generated_masks: torch.Tensor, source_masks: torch.Tensor, has_mask: torch.Tensor, threshold: float = 0.5
+    generated_masks: torch.Tensor,
+    requested: Sequence[Mapping[str, object]],
+    *,
+    vocabulary: str,
+    threshold: float = 0.5,
 ) -> dict[str, float]:
-    """Agreement of size and position bins: generated pseudo-masks (N, 1, H, W) vs the source records' masks.
+    """Size and position of generated pseudo-masks (N, 1, H, W) against what each prompt asked for.
 
-    Rows whose source record has no mask are skipped; a generated image with no lesion pixel
-    disagrees with any request (and is counted in ``anatomy/empty``).
+    Args:
+        generated_masks: the stage-1 segmentor's pseudo-masks of the generated images.
+        requested: per image, the attributes of the record its anatomy prompt came from: its
+            ``size`` and ``position`` are the words that wrote the prompt (SynthDerm's factors, or
+            the caption bins of the record's mask). Rows without them (no mask, an empty mask) are
+            skipped.
+        vocabulary: the prompts' vocabulary (:func:`~vgmedgen.platform.evaluation.adherence.prompt_vocabulary`
+            of the dataset).
+        threshold: pseudo-mask probability above which a pixel is lesion.
+
+    Returns:
+        ``adherence/<vocabulary>/pseudo_mask/{size,position,empty,n}`` (empty: the share with no
+        lesion pixel, which disagrees with any request); {} when no row asks for a size.
     """
-    keep = torch.nonzero(has_mask.bool()).flatten().tolist()
+    if len(requested) != generated_masks.shape[0]:
+        raise ValueError(f"got {generated_masks.shape[0]} masks and {len(requested)} requests")
+    keep = [i for i, r in enumerate(requested) if r.get("size") is not None and r.get("position") is not None]
     if not keep:
         return {}
-    size_ok = pos_ok = empty = 0
-    for i in keep:
-        want = measure_mask(source_masks[i, 0].numpy() > 0.5)
-        got = measure_mask(generated_masks[i, 0].numpy() > threshold)
-        if got["area"] == 0:
-            empty += 1
-            continue
-        size_ok += size_bin(got["area"]) == size_bin(want["area"])
-        pos_ok += position_bin(got["centroid_x"], got["centroid_y"]) == position_bin(
-            want["centroid_x"], want["centroid_y"]
-        )
-    n = len(keep)
-    return {
-        "anatomy/size_agreement": size_ok / n,
-        "anatomy/position_agreement": pos_ok / n,
-        "anatomy/empty": empty / n,
-        "anatomy/n": float(n),
-    }
+    measured = measure_masks(generated_masks[keep], threshold)
+    asked = [{"size": requested[i]["size"], "position": requested[i]["position"]} for i in keep]
+    return adherence(measured, asked, vocabulary, PSEUDO_MASK).metrics()

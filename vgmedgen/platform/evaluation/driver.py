@@ -8,7 +8,8 @@ Steps, each reusing earlier work where its inputs are unchanged:
 3. ``num_images`` generated images from prompts of training records (or the given folder);
 4. domain FD/KD (HFD, KFD, ...) and, with the Inception weights, FID/KID, each beside its floor
    (real train vs real test at the same N); memorisation in domain features;
-5. anatomy adherence of the generated images (pseudo-mask vs the prompt's source mask);
+5. anatomy adherence of the generated images (their pseudo-masks against the size and position that
+   wrote each prompt, in the prompts' vocabulary: SynthDerm's factors or the caption bins);
 6. on SynthDerm, controllability through the judges (matched and swapped prompts);
 7. optionally, the downstream augmentation benchmark;
 8. the report (JSON, Markdown, PNG) under ``<output_root>/evaluation/<experiment>/<version>/``, logged
@@ -29,6 +30,7 @@ import torch
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.evaluation.adherence import prompt_vocabulary
 from vgmedgen.platform.evaluation.control import (
     anatomy_adherence,
     measure_controllability,
@@ -155,7 +157,9 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
             model, picked.anatomy, picked.style, seeds, sampler=ev.sampler, batch_size=ev.batch_size
         )
         gen_images, gen_masks = gen.images, gen.masks
-        adherence = anatomy_adherence(gen_masks, picked.masks, picked.has_mask)
+        adherence = anatomy_adherence(
+            gen_masks, picked.attributes, vocabulary=prompt_vocabulary(cfg.data.dataset)
+        )
         scalars.update(adherence)
     else:
         gen_images = load_image_folder(Path(ev.generated_dir), limit=ev.num_images)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vgmedgen.model.sampler import SamplerConfig
+from vgmedgen.platform.images import provenance_fields
 from vgmedgen.platform.records import (
     SYNTHETIC_SOURCE,
     decode_masks,
@@ -158,7 +159,22 @@ def write_synthetic_records(
         rows: the training rows the prompts came from.
         out_dir: the records directory to write (replaced atomically).
         origin: the model version (names the source).
+
+    The image and mask bytes carry provenance (:mod:`vgmedgen.platform.images`): synthetic, the
+    model version, seed and prompts.
     """
+
+    def provenance(i: int, kind: str) -> dict[str, str]:
+        # The bytes say they are synthetic even once copied out of the records.
+        return provenance_fields(
+            model_version=origin,
+            seed=gen.seeds[i],
+            anatomy_prompt=gen.anatomy[i],
+            style_prompt=gen.style[i],
+            record=f"synthetic-{origin}-{i:06d}",
+            kind=kind,
+        )
+
     table = records_to_table(
         {
             "id": f"synthetic-{origin}-{i:06d}",
@@ -166,8 +182,10 @@ def write_synthetic_records(
             "split": "train",
             "group": f"synthetic-{origin}-{i:06d}",
             "label": rows.labels[i],
-            "image": encode_png(gen.images[i].permute(1, 2, 0).numpy()),
-            "mask": encode_png(((gen.masks[i, 0] > 0.5).numpy() * 255).astype(np.uint8)),
+            "image": encode_png(gen.images[i].permute(1, 2, 0).numpy(), provenance(i, "image")),
+            "mask": encode_png(
+                ((gen.masks[i, 0] > 0.5).numpy() * 255).astype(np.uint8), provenance(i, "pseudo-mask")
+            ),
             "caption": f"{gen.anatomy[i]}; {gen.style[i]}",
             "anatomy_text": gen.anatomy[i],
             "style_text": gen.style[i],

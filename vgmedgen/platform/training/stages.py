@@ -18,12 +18,14 @@ from torch import nn
 from vgmedgen.model.ema import EMA
 from vgmedgen.model.generator import Generator, build_generator
 from vgmedgen.model.text import TextDisentangler
-from vgmedgen.model.vgmedgen import load_text, load_visual, save_generator, save_text, save_visual
+from vgmedgen.model.vgmedgen import VGMedGen, load_text, load_visual, save_generator, save_text, save_visual
 from vgmedgen.model.visual import VisualDisentangler
 from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.generation.grid import SwapGrid
+from vgmedgen.platform.generation.sample import generate_samples
 from vgmedgen.platform.storage import atomic_directory
 from vgmedgen.platform.training.data import RecordArrays
-from vgmedgen.platform.visualize import save_grid, save_swap_grid
+from vgmedgen.platform.training.loop import global_sum
 
 __all__ = ["build_task", "VisualTask", "AlignTask", "DitTask"]
 
@@ -109,14 +111,6 @@ class _Base:
             if len(idx) == 0:
                 return
             yield self.val_data.batch(idx, self.device)
-
-
-def global_sum(value: torch.Tensor, world: int) -> torch.Tensor:
-    """``value`` summed over the ranks of the process group (itself when ``world == 1``)."""
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = value.detach().clone()
-        torch.distributed.all_reduce(value)
-    return value
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -320,20 +314,25 @@ class DitTask(_Base):
             save_generator(self.module, self.ema, d)
 
     def artifacts(self, step: int, directory: Path) -> list[Path]:
-        """A sample grid for fixed validation prompts and, at the end, the swap grid."""
+        """The swap grid of up to 4 validation anatomy x style prompts (EMA weights, seed 0 in every
+        cell) and the same images as a plain sample grid."""
         k = min(4, len(self.val_data))
-        anatomy = self.val_data.anatomy_texts[:k]
-        style = self.val_data.style_texts[:k]
-        rows = [a for a in anatomy for _ in style]
-        cols = [s for _ in anatomy for s in style]
-        with torch.no_grad():
-            t_a, t_s = self.text.split_separate(rows, cols)
-            from vgmedgen.model.sampler import sample
-
-            with self.ema.swapped_in(self.module):
-                images = sample(self.module, t_a, t_s, list(range(len(rows))), cfg=self.cfg.model.sampler)
-        grid = save_swap_grid(images, anatomy, style, directory / f"swap_grid_step{step:06d}.png")
-        return [grid, save_grid(images, directory / f"samples_step{step:06d}.png", ncol=k)]
+        anatomy = [t for t in self.val_data.anatomy_texts[:k] if t.strip()]
+        style = [t for t in self.val_data.style_texts[:k] if t.strip()]
+        if not anatomy or not style:
+            return []
+        grid = SwapGrid(anatomy_prompts=tuple(anatomy), style_prompts=tuple(style))
+        was_training = self.module.training  # VGMedGen puts its parts in eval mode
+        try:
+            model = VGMedGen(self.cfg.model, self.visual, self.text, self.module, self.ema)
+            samples = generate_samples(model, grid.requests())
+        finally:
+            self.module.train(was_training)
+        provenance = grid.provenance(stage=self.name, step=step)
+        return [
+            grid.save(samples.images, directory / f"swap_grid_step{step:06d}.png", provenance),
+            grid.save_all(samples.images, directory / f"samples_step{step:06d}.png", provenance),
+        ]
 
 
 def build_task(

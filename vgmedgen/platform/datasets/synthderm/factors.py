@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from vgmedgen.platform.datasets.synthderm.config import ANATOMY_FACTORS, FACTORS, STYLE_FACTORS
+
 __all__ = [
     "ANATOMY_FACTORS",
     "CLASSES",
@@ -40,22 +42,7 @@ __all__ = [
 # Factors and their words
 # ---------------------------------------------------------------------------------------------
 
-FACTORS: dict[str, tuple[str, ...]] = {
-    # anatomy
-    "shape": ("round", "oval", "irregular", "lobulated"),
-    "size": ("small", "medium", "large"),
-    "position": ("centre", "upper left", "upper right", "lower left", "lower right"),
-    "border": ("sharp", "blurred"),
-    "count": ("one", "satellite"),
-    # style
-    "skin_tone": ("light", "medium", "dark"),
-    "pigment": ("light brown", "dark brown", "black", "pink", "blue-grey"),
-    "illumination": ("even", "vignetted"),
-    "artefact": ("none", "hair", "ruler", "bubbles"),
-    "device": ("polarised", "non-polarised"),
-}
-ANATOMY_FACTORS: tuple[str, ...] = ("shape", "size", "position", "border", "count")
-STYLE_FACTORS: tuple[str, ...] = ("skin_tone", "pigment", "illumination", "artefact", "device")
+# FACTORS, ANATOMY_FACTORS, STYLE_FACTORS: in synthderm/config.py, the table configs validate against.
 # Style factors of the lesion (shared by both views) and of the acquisition (may differ per view).
 _LESION_STYLE = ("skin_tone", "pigment")
 _ACQUISITION_STYLE = ("illumination", "artefact", "device")

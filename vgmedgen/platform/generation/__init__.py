@@ -1,0 +1,1 @@
+"""Generation: what to sample (requests, swap grids), sampling a loaded model, and writing the results."""
