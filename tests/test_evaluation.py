@@ -21,6 +21,7 @@ from vgmedgen.platform.evaluation.adherence import prompt_vocabulary
 from vgmedgen.platform.evaluation.control import anatomy_adherence, judge_heads
 from vgmedgen.platform.evaluation.downstream import plan_draws, subset_records
 from vgmedgen.platform.evaluation.generate import GeneratedSet, prompt_rows, write_synthetic_records
+from vgmedgen.platform.images import read_provenance
 from vgmedgen.platform.metrics.stats import MetricsError
 from vgmedgen.platform.records import records_to_table
 from vgmedgen.platform.training.classify import (
@@ -259,6 +260,13 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
         assert (r["n_synthetic"] == 0) == (r["plan"] == "real")
     for png in ("distances.png", "memorisation.png", "confusion.png", "samples.png"):
         assert (report_dir / png).stat().st_size > 1000
+    # the generated samples say what they are and which model version, seeds and prompts made them
+    shown = read_provenance(report_dir / "samples.png")
+    assert shown["synthetic"] == "true" and shown["kind"] == "evaluation samples"
+    assert len(shown["model_version"]) == 64 and len(json.loads(shown["seeds"])) == len(
+        json.loads(shown["anatomy_prompts"])
+    )
+    assert read_provenance(report_dir / "distances.png") == {}
     # logged into the model version's training run
     client = MlflowClient(summary.tracking_uri)
     run = client.get_run(reg.run_id)

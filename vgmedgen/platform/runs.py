@@ -13,7 +13,10 @@ Names:
 - the train job's MLflow parent run ``<experiment>-job-<hash12>`` (:func:`job_key`);
 - model versions, by content (:func:`version_name`), and the built text encoder (:func:`encoder_name`);
 - records (:func:`records_key`), low-data subsets (:func:`subset_name`) and synthetic sets
-  (:func:`synthetic_set_name`).
+  (:func:`synthetic_set_name`);
+- sweep trials ``<sweep>-trial-<hash12>`` (:func:`trial_name`), from the overrides a trial applies;
+- generation plans ``<model id>-plan-<hash12>`` (:func:`plan_name`) and their shards
+  ``<plan>-shard-<index>-of-<count>`` (:func:`shard_name`), which sort in index order.
 
 A finished stage run holds a done-marker, ``DONE.json`` (:func:`write_done`, :func:`read_done`),
 written last, with its metrics and kept checkpoints.
@@ -37,13 +40,16 @@ __all__ = [
     "encoder_name",
     "job_key",
     "net_run_name",
+    "plan_name",
     "read_done",
     "records_files",
     "records_key",
+    "shard_name",
     "stage_identity",
     "stage_run_name",
     "subset_name",
     "synthetic_set_name",
+    "trial_name",
     "version_name",
     "write_done",
 ]
@@ -156,6 +162,28 @@ def subset_name(records_dir: str | Path, per_class: int, seed: int) -> str:
 def synthetic_set_name(origin: str, plan: str, identity: Any) -> str:
     """A set of synthetic records: where its prompts came from, its plan, and everything that drew it."""
     return f"{origin}-{plan}-{stable_hash(identity)}"
+
+
+def trial_name(sweep: str, overrides: Mapping[str, Any]) -> str:
+    """A sweep trial: ``<sweep>-trial-<hash of its overrides>`` (dotted config paths -> values; the
+    order they are given in does not matter), so a re-submitted sweep finds the trials it has run."""
+    if not overrides:
+        raise ValueError(f"a trial of sweep {sweep!r} needs at least one override (dotted.path -> value)")
+    return f"{sweep}-trial-{stable_hash(dict(overrides), 12)}"
+
+
+def plan_name(model_version: str, requests: Iterable[Mapping[str, Any]]) -> str:
+    """A generation plan: the model version's id (its manifest sha256, first 12) and a hash of every
+    request in order, so the same requests from the same model are the same plan and resume."""
+    return f"{model_version[:12]}-plan-{stable_hash([dict(r) for r in requests], 12)}"
+
+
+def shard_name(plan: str, index: int, count: int) -> str:
+    """Shard ``index`` of ``count`` of a plan, zero-padded so that names sort in index order."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must lie in [0, {count}), got {index}")
+    width = max(5, len(str(count - 1)))
+    return f"{plan}-shard-{index:0{width}d}-of-{count:0{width}d}"
 
 
 def write_done(run_dir: Path, payload: Mapping[str, Any]) -> None:

@@ -295,9 +295,20 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
     for f in figures:
         paths[f.stem + "_png"] = f
     if model is not None:
+        from vgmedgen.platform.images import provenance_fields
         from vgmedgen.platform.visualize import save_grid
 
-        paths["samples_png"] = save_grid(gen_images[:32].float() / 255.0, out_dir / "samples.png", ncol=8)
+        shown = provenance_fields(
+            model_version=model_ref.id if model_ref is not None else None,
+            kind="evaluation samples",
+            seeds=seeds[:32],
+            anatomy_prompts=list(picked.anatomy[:32]),
+            style_prompts=list(picked.style[:32]),
+            sampler=(ev.sampler or model.config.sampler).model_dump(),
+        )
+        paths["samples_png"] = save_grid(
+            gen_images[:32].float() / 255.0, out_dir / "samples.png", ncol=8, provenance=shown
+        )
     if tracker is not None:
         if run_id is None:
             run_id = tracker.run(
