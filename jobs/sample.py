@@ -2,7 +2,7 @@
 
     python jobs/sample.py --model ~/vgmedgen/models/demo/<version> \\
         --anatomy "a small round lesion in the upper left" --style "dark brown, dermoscopy" --n 4 --seed 0
-    python jobs/sample.py --model vgmedgen-demo@current --config configs/demo.yaml --caption "..." --out /tmp/s
+    python jobs/sample.py --model vgmedgen-demo@current --config configs/demo.yaml --caption "..." --out samples
     python jobs/sample.py --model <dir> --reference real.png [--style "..."]   # anatomy of a real image
 
 --model is a model version directory (what the train job prints) or a registry reference

@@ -1,4 +1,4 @@
-"""Builders of small look-alike trees of the real datasets' public layouts (shared/DATASETS.md).
+"""Builders of small look-alike trees of the real datasets' public layouts (docs/datasets.md).
 
 Each builder writes a tiny tree (40x30 images with drawn disc lesions, so measurements are
 checkable) under a directory the caller owns (e.g. pytest's ``tmp_path``) and returns

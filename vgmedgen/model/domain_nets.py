@@ -1,6 +1,6 @@
 """Domain feature networks: the extractors behind HFD/KFD-style distances (and their KD counterparts).
 
-METHOD.md, Evaluation: domain Frechet and kernel distances are measured in the feature space of a
+docs/method.md, section Evaluation: domain Frechet and kernel distances are measured in the feature space of a
 network trained on the real training split of the dataset: a classifier for labelled datasets
 (HAM10000 -> HFD, BUSI, SynthDerm), or, for a single-class dataset (Kvasir-SEG -> KFD), the pooled
 bottleneck of a segmentation network trained on its masks. The paper does not publish its

@@ -1,4 +1,4 @@
-"""The VG-MedGen generator: PixArt-alpha DiT + HFFM + LoRA (shared/METHOD.md, "Stage 3").
+"""The VG-MedGen generator: PixArt-alpha DiT + HFFM + LoRA (docs/method.md, section "Stage 3").
 
 VG-MedGen (Huang et al., arXiv 2603.10519; reference code hx111/VG-MedGen) conditions
 PixArt-alpha (Chen et al., arXiv 2310.00426; diffusers ``PixArtTransformer2DModel``) on an

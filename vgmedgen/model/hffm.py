@@ -5,7 +5,7 @@ vectors per image, anatomy ``t_a`` and imaging style ``t_s``, "through separated
 The reference code turns each vector into one token (LayerNorm -> MLP 8 -> 256 -> 4096 -> +
 type embedding) and lets the tokens replace the T5 caption in PixArt's shared cross-attention.
 This module keeps that path (``tokens`` mode, reference parity) and adds ours (see
-shared/METHOD.md, "Stage 3"):
+docs/method.md, section "Stage 3"):
 
 - ``separate`` (default): every transformer block gets one zero-initialised, gated
   cross-attention branch per stream. A branch reuses the block's own query projection

@@ -10,7 +10,7 @@ A saved pipeline is a folder with diffusers' ``model_index.json`` (so diffusers 
 version directory in the layout of :mod:`vgmedgen.model.vgmedgen` (content hashes checked on
 load). ``from_pretrained`` also takes a bare model version directory, as the train job writes it.
 
-Three ways to condition (shared/METHOD.md, "Sampling"):
+Three ways to condition (docs/method.md, section "Sampling and compositional guidance"):
 
 - ``prompt``: one caption per image, split into anatomy and style by the stage-2 heads;
 - ``anatomy_prompt`` + ``style_prompt``: the two factors given separately (the swap that shows

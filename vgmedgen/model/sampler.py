@@ -1,6 +1,6 @@
 """Sampling from the generator: DPM-Solver++ with separate anatomy and style guidance.
 
-Guidance (shared/METHOD.md, "Stage 3"), with 0 the learned null tokens of a stream::
+Guidance (docs/method.md, section "Sampling and compositional guidance"), with 0 the learned null tokens of a stream::
 
     eps = e(0, 0) + g_a (e(a, 0) - e(0, 0)) + g_s (e(a, s) - e(a, 0))
 

@@ -2,7 +2,7 @@
 
 Paper: Huang et al., "Visually-Guided Controllable Medical Image Generation via Fine-Grained
 Semantic Disentanglement" (arXiv 2603.10519); reference code hx111/VG-MedGen
-``models/text_models1.py`` and ``train_disentangler1.py``. See /work/shared/METHOD.md "Stage 2".
+``models/text_models1.py`` and ``train_disentangler1.py``. See docs/method.md, section "Stage 2".
 
 A frozen BERT-family encoder turns a caption into a mean-pooled embedding E; two MLP heads map E
 to t_a (anatomy) and t_s (style), trained to align with the visual priors that stage 1 extracts

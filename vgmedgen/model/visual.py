@@ -3,8 +3,8 @@
 Paper: Huang et al., "Visually-Guided Controllable Medical Image Generation via Fine-Grained
 Semantic Disentanglement" (arXiv 2603.10519); reference code hx111/VG-MedGen ``models/sdnet.py``,
 itself after SDNet (Chartsias et al., "Factorised representation learning in cardiac image
-analysis", 2019). See /work/shared/METHOD.md "Stage 1" for what follows the reference (R) and
-what is ours (O).
+analysis", 2019). See docs/method.md, section "Stage 1", for what follows the reference code and
+what is ours.
 
 An image is split into
 - an *anatomy map*: K one-hot channels from a U-Net (hard Gumbel-softmax in training, argmax in
@@ -56,7 +56,7 @@ __all__ = [
     "region_moments",
 ]
 
-# Per-channel moments of an empty region: no area, centred, no spread (METHOD.md, stage 1).
+# Per-channel moments of an empty region: no area, centred, no spread (docs/method.md, section "Stage 1").
 EMPTY_REGION_MOMENTS = (0.0, 0.5, 0.5, 0.0)
 # The predicted lesion mask is binarised at this probability before its moments are taken.
 MASK_THRESHOLD = 0.5

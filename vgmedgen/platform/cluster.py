@@ -49,7 +49,7 @@ def connect(
             when set (as ``ray job submit`` does), else starts a local instance.
         num_cpus: CPUs of a local instance (default: all).
         include_dashboard: for a local instance; the dashboard is needed for job submission and
-            makes Train-inside-Tune reliable (see shared/STACK_NOTES.md).
+            makes Train-inside-Tune reliable (see docs/design.md, section "Library notes").
     """
     import ray
 

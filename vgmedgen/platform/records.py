@@ -1,4 +1,4 @@
-"""The canonical record: one Parquet row per image, defined once (shared/DATASETS.md).
+"""The canonical record: one Parquet row per image, defined once (docs/datasets.md).
 
 Every source (SynthDerm, HAM10000, Kvasir-SEG, BUSI, a user's CSV) becomes rows of
 :data:`RECORD_SCHEMA`; everything downstream reads only these. Images and masks are PNG

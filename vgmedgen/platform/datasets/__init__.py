@@ -2,7 +2,7 @@
 
 ``read_source_items(name, root, options)`` lists a dataset's images as :class:`SourceItem`
 rows; ``process_item(item, resolution, resize)`` turns one into a canonical record dict
-(shared/DATASETS.md). The prepare job runs both, then groups, splits and writes Parquet.
+(docs/datasets.md). The prepare job runs both, then groups, splits and writes Parquet.
 """
 
 from vgmedgen.platform.datasets.common import (

@@ -1,6 +1,6 @@
 """BUSI (breast ultrasound, 780 images: benign 437, malignant 210, normal 133).
 
-Layout (shared/DATASETS.md): ``Dataset_BUSI_with_GT/{benign,malignant,normal}/benign (1).png``
+Layout (docs/datasets.md, section "BUSI"): ``Dataset_BUSI_with_GT/{benign,malignant,normal}/benign (1).png``
 with masks ``benign (1)_mask.png`` and, for extra lesions, ``benign (1)_mask_1.png``,
 ``_mask_2.png`` (merged with OR). File names hold spaces and parentheses.
 

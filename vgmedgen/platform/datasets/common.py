@@ -1,6 +1,6 @@
 """What every dataset reader returns, the options they take, and the shared file helpers.
 
-A reader turns a local directory laid out as a public release (shared/DATASETS.md) into
+A reader turns a local directory laid out as a public release (docs/datasets.md) into
 :class:`SourceItem` rows: one per image, with paths, label, group and metadata, without
 opening any image (that is :func:`vgmedgen.platform.datasets.process.process_item`'s job,
 run in parallel by the prepare job). Readers are looked up by name in :data:`READERS`.
@@ -338,7 +338,7 @@ def read_source_items(dataset: str, root: Path, options: ReaderOptions | None = 
     if not root.exists():
         raise DatasetError(
             f"Dataset root {root} does not exist. Point data.root at the directory holding the "
-            f"{dataset} release (laid out as in shared/DATASETS.md)."
+            f"{dataset} release (laid out as in docs/datasets.md)."
         )
     items = READERS[dataset](root, options)
     if not items:

@@ -1,6 +1,6 @@
 """HAM10000 (dermoscopy, 10,015 images, 7 classes) laid out as the public release.
 
-Layout (shared/DATASETS.md): images ``ISIC_<7 digits>.jpg`` anywhere under the root
+Layout (docs/datasets.md, section "HAM10000"): images ``ISIC_<7 digits>.jpg`` anywhere under the root
 (``HAM10000_images_part_1/``, ``..._part_2/``, or a mirror's own folder names: indexed
 recursively); metadata ``HAM10000_metadata.csv`` (comma) or the Dataverse copy
 (``HAM10000_metadata*`` or any ``*.tab``/``*.tsv``, tab-separated, with an extra ``dataset``

@@ -1,6 +1,6 @@
 """Kvasir-SEG (colonoscopy, 1,000 polyp images, one class) laid out as the public release.
 
-Layout (shared/DATASETS.md): ``Kvasir-SEG/images/<id>.jpg``, ``Kvasir-SEG/masks/<id>.jpg``
+Layout (docs/datasets.md, section "Kvasir-SEG"): ``Kvasir-SEG/images/<id>.jpg``, ``Kvasir-SEG/masks/<id>.jpg``
 (lossy, often 3-channel JPEG masks: :func:`process_item` thresholds them) and
 ``kavsir_bboxes.json`` (sic) ``{id: {"height", "width", "bbox": [{"label", "xmin", "ymin",
 "xmax", "ymax"}, ...]}}``.

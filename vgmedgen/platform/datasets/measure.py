@@ -2,7 +2,7 @@
 
 The captions written from these bins are in :mod:`vgmedgen.platform.datasets.captions`.
 
-shared/DATASETS.md, "Prompts from data": *anatomy* is what a lesion mask can verify (size,
+docs/datasets.md, section "Captions written from measurements": *anatomy* is what a lesion mask can verify (size,
 position, shape, border, number of components, plus the body site from metadata); *style* is
 what image statistics or acquisition metadata can verify (lesion and background colour,
 brightness, contrast, vignetting, source cohort or device). The same functions later score

@@ -1,4 +1,4 @@
-"""One source item -> one canonical record (shared/DATASETS.md), and near-duplicate grouping.
+"""One source item -> one canonical record (docs/datasets.md), and near-duplicate grouping.
 
 :func:`process_item` decodes an item's image and masks, resizes both with the same geometry,
 measures anatomy and style (:mod:`vgmedgen.platform.datasets.measure`), writes the prompts, and returns

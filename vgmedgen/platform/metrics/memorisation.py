@@ -1,6 +1,6 @@
 """Memorisation: how many generated images sit closer to a training image than real test images do.
 
-METHOD.md, Evaluation: the share of generated images whose nearest training image (in domain
+docs/method.md, section Evaluation: the share of generated images whose nearest training image (in domain
 features) is nearer than the 5th percentile of the real-test-to-train nearest-neighbour distances.
 A model that copies its training set scores near 1; a model that generalises like fresh real data
 scores near the percentile itself (about 0.05), since 5% of real test images pass the same bar.
