@@ -200,7 +200,10 @@ def read_records_manifest(directory: str | Path, *, migrate: bool = False) -> di
         except (OSError, json.JSONDecodeError):
             continue
         if migrate and name == LEGACY_RECORDS_MANIFEST:
-            (directory / name).replace(directory / RECORDS_MANIFEST)
+            try:
+                (directory / name).replace(directory / RECORDS_MANIFEST)
+            except FileNotFoundError:
+                pass  # another job renamed it first
         return manifest
     return None
 
