@@ -60,6 +60,7 @@ __all__ = [
     "save_text",
     "save_visual",
     "write_manifest",
+    "write_pipeline_index",
     "verify_manifest",
 ]
 
