@@ -3,7 +3,7 @@
     python jobs/prepare.py --config configs/synthderm.yaml [data.resolution=32 ...]
     ray job submit --working-dir . -- python jobs/prepare.py --config configs/ham10000.yaml data.root=/data/HAM10000
 
-Writes <output_root>/records/<name>/ (part-*.parquet + manifest.json) and prints the counts per split
+Writes <output_root>/records/<name>/ (part-*.parquet + _manifest.json) and prints the counts per split
 and class. Re-running with the same data config reuses the records; --fresh rebuilds them.
 """
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{summary.total} {summary.dataset} records {state}: {summary.records_dir}")
     print(summary.table())
     if summary.skipped:
-        print(f"{len(summary.skipped)} unreadable input(s) skipped; see manifest.json for the list")
+        print(f"{len(summary.skipped)} unreadable input(s) skipped; see _manifest.json for the list")
     return 0
 
 

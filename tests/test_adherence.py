@@ -467,6 +467,23 @@ def test_one_ruler_measures_two_models_and_each_keeps_its_pseudo_mask_figures(
         # label column + 2 tiles of 3 x 32 px (+ padding) wide; header + 2 rows high.
         assert grid.width > 2 * 3 * SIZE and grid.height > 2 * 3 * SIZE
 
+    # The demo puts the headline figures (not the per-row and per-column ones) on the version's model card.
+    from vgmedgen.model.vgmedgen import MODEL_CARD, ModelConfig, write_manifest
+    from vgmedgen.platform.evaluation.demo import _record_on_card
+
+    version = tmp_path / "version"
+    version.mkdir()
+    (version / "model_config.json").write_text(
+        ModelConfig.model_validate({"preset": "tiny"}).model_dump_json()
+    )
+    write_manifest(version, {"kind": "vgmedgen-model-version"})
+    experiment = load_experiment(None, [f"output_root={tmp_path}", "adherence.seeds_per_cell=2"])
+    assert _record_on_card(experiment, version, res, tmp_path) == version / MODEL_CARD
+    card = (version / MODEL_CARD).read_text()
+    assert f"| `adherence/synthderm/position` | {res.agreement['position']:.4g} |" in card
+    assert "adherence/synthderm/pseudo_mask/size" in card and "row0_size" not in card
+    assert "2 anatomy x 2 style prompts, 2 seeds per cell" in card
+
 
 def test_demo_job_takes_adherence_from_the_config_and_rejects_bad_values(capsys):
     import importlib.util

@@ -272,6 +272,11 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     run = client.get_run(reg.run_id)
     assert "eval/SFD" in run.data.metrics and "downstream/real_balanced_accuracy" in run.data.metrics
     assert "evaluation/report.json" in [a.path for a in client.list_artifacts(reg.run_id, "evaluation")]
+    # the registered version's model card carries the evaluation (and still the training stages)
+    card = Path(
+        client.download_artifacts(reg.run_id, "model_version/MODEL_CARD.md", str(output_root))
+    ).read_text()
+    assert "| `eval/SFD` |" in card and "against the real test split" in card and "## Training stages" in card
 
     # the segmentation variant of the benchmark (Kvasir-style): real vs real + image/pseudo-mask pairs
     seg = [

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,17 +79,25 @@ def _reference_image() -> PIL.Image.Image:
 # -- disk ----------------------------------------------------------------------------------------
 
 
-def test_save_writes_model_index_and_a_model_version(saved: Path) -> None:
+def test_save_writes_a_model_version_with_a_diffusers_index(saved: Path) -> None:
     index = json.loads((saved / "model_index.json").read_text())
-    assert index["_class_name"] == "VGMedGenPipeline"
+    assert index["_class_name"] == ["vgmedgen_pipeline", VGMedGenPipeline.__name__]
     assert index["model"] == ["vgmedgen.model.vgmedgen", "VGMedGen"]
     # diffusers' own tooling reads the folder as a pipeline.
     config = DiffusionPipeline.load_config(saved)
-    assert config["_class_name"] == "VGMedGenPipeline" and "_diffusers_version" in config
-    assert json.loads((saved / "model" / "manifest.json").read_text())["kind"] == "vgmedgen-model-version"
+    assert "_diffusers_version" in config
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["kind"] == "vgmedgen-model-version"
+    # The index and the module it names are hashed like the weights: a changed one fails verification.
+    assert {"model_index.json", "vgmedgen_pipeline.py"} <= set(manifest["files"])
+    assert (
+        "from vgmedgen.model.pipeline import VGMedGenPipeline" in (saved / "vgmedgen_pipeline.py").read_text()
+    )
 
 
-def test_round_trip_is_bit_exact(pipe: VGMedGenPipeline, model: VGMedGen, saved: Path) -> None:
+def test_round_trip_is_bit_exact(
+    pipe: VGMedGenPipeline, model: VGMedGen, saved: Path, tmp_path: Path
+) -> None:
     loaded = VGMedGenPipeline.from_pretrained(saved)
     loaded.set_progress_bar_config(disable=True)
     assert_same_model(model, loaded.model)
@@ -95,9 +106,54 @@ def test_round_trip_is_bit_exact(pipe: VGMedGenPipeline, model: VGMedGen, saved:
     kwargs = {"anatomy_prompt": ANATOMY, "style_prompt": STYLE, "seed": 3, "output_type": "pt"}
     a, b = pipe(**kwargs), loaded(**kwargs)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and a.seeds == b.seeds
-    # A bare model version directory (as the train job writes it) loads too.
-    bare = VGMedGenPipeline.from_pretrained(saved / "model")
-    assert_same_model(model, bare.model)
+    # A folder saved by earlier releases (model_index.json naming the class, the version under model/) loads too.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(saved, legacy / "model")
+    (legacy / "model_index.json").write_text(json.dumps({"_class_name": "VGMedGenPipeline"}))
+    assert_same_model(model, VGMedGenPipeline.from_pretrained(legacy).model)
+
+
+def test_diffusers_own_loader_returns_a_working_pipeline(
+    pipe: VGMedGenPipeline, saved: Path, tmp_path: Path
+) -> None:
+    """diffusers' DiffusionPipeline.from_pretrained in a fresh interpreter (nothing of vgmedgen imported
+    first) gives this pipeline, with the same images as the model it was saved from."""
+    script = (
+        "import sys, numpy as np\n"
+        "from diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "out = pipe(anatomy_prompt=sys.argv[2], style_prompt=sys.argv[3], seed=5, num_images_per_prompt=2, "
+        "output_type='np')\n"
+        "np.savez(sys.argv[4], images=out.images, masks=out.masks, cls=type(pipe).__module__ + '.' + type(pipe).__name__)\n"
+    )
+    result = tmp_path / "out.npz"
+    # One thread, as in this process: reduction order, and so the last bit, depends on the thread count.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(saved), ANATOMY[0], STYLE[0], str(result)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(result)
+    assert str(got["cls"]) == "vgmedgen.model.pipeline.VGMedGenPipeline"
+    want = pipe(
+        anatomy_prompt=ANATOMY[0], style_prompt=STYLE[0], seed=5, num_images_per_prompt=2, output_type="np"
+    )
+    assert got["images"].shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(got["images"], want.images)
+    np.testing.assert_array_equal(got["masks"], want.masks)
 
 
 def test_load_errors_are_clear(saved: Path, tmp_path: Path) -> None:

@@ -112,3 +112,37 @@ def test_record_arrays_hold_uint8_and_batch_floats(tmp_path):
     assert batch["mask"].dtype == torch.float32 and set(batch["mask"].unique().tolist()) == {0.0, 1.0}
     assert batch["mask"][0].sum() == 0 and batch["mask"][1].sum() == 9  # row 3 has no mask, row 0 a 3x3 one
     assert batch["has_mask"].tolist() == [False, True]
+
+
+def test_records_directory_opens_in_pandas_and_pyarrow(tmp_path):
+    import json
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from vgmedgen.platform.records import RECORDS_MANIFEST, read_records_manifest, write_records_manifest
+    from vgmedgen.platform.runs import records_files
+
+    rec = tmp_path / "records"
+    rec.mkdir()
+    pq.write_table(records_to_table([_row(i) for i in range(3)]), rec / "part-00000.parquet")
+    pq.write_table(records_to_table([_row(i) for i in range(3, 5)]), rec / "part-00001.parquet")
+    # A directory written before 2026-12: its manifest.json breaks pyarrow's directory discovery.
+    (rec / "manifest.json").write_text(json.dumps({"config_hash": "abc", "summary": {"total": 5}}))
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_table(rec)
+    assert read_records_manifest(rec) == {"config_hash": "abc", "summary": {"total": 5}}
+    assert (rec / "manifest.json").is_file()  # reading alone changes nothing
+    assert read_records_manifest(rec, migrate=True)["config_hash"] == "abc"
+    assert not (rec / "manifest.json").exists() and (rec / RECORDS_MANIFEST).is_file()
+
+    write_records_manifest(rec, {"config_hash": "def"})
+    assert read_records_manifest(rec) == {"config_hash": "def"}
+    table = pq.read_table(rec)
+    frame = pd.read_parquet(rec)
+    assert sorted(table.column("id").to_pylist()) == sorted(frame["id"]) == [f"r{i}" for i in range(5)]
+    assert set(frame.columns) == set(RECORD_SCHEMA.names)
+    assert decode_png(frame.loc[frame["id"] == "r1", "image"].iloc[0]).shape == (8, 8, 3)
+    # The platform's own readers and fingerprints see the part files only.
+    assert read_records(rec).num_rows == 5
+    assert [name for name, _ in records_files([rec])] == ["part-00000.parquet", "part-00001.parquet"]

@@ -92,6 +92,12 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
     resolved = resolve_model(f"vgmedgen-tiny@{cfg.tracking.alias}", cfg)
     assert resolved.name.startswith("vgmedgen-tiny-v") and resolved.run_id == parent.info.run_id
     assert resolved.path.name == "model_version" and len(resolved.id) == 64
+    # the model card: every stage's run and the registry entry, outside the hashes, in the registered copy too
+    card = (summary.model_version / "MODEL_CARD.md").read_text()
+    assert all(f"`{r.run_name}`" in card for r in summary.stages) and f"`{summary.registered}`" in card
+    assert (resolved.path / "MODEL_CARD.md").read_text() == card and "MODEL_CARD.md" not in json.loads(
+        (resolved.path / "manifest.json").read_text()
+    )["files"]
     model = VGMedGen.from_pretrained(resolved.path)
     cond = model.conditions_from_prompts(["a small round lesion"], ["dark brown pigment"])
     images, masks = model.generate(cond, [3], sampler=cfg.model.sampler.model_copy(update={"num_steps": 2}))

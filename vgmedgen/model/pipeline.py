@@ -5,10 +5,18 @@
                style_prompt="dark brown, dermoscopy", num_images_per_prompt=4, seed=0)
     out.images[0].save("0.png"); out.masks[0].save("0_mask.png")
 
-A saved pipeline is a folder with diffusers' ``model_index.json`` (so diffusers tooling such as
-``DiffusionPipeline.load_config`` recognises it) and one component, ``model/``, which is a model
-version directory in the layout of :mod:`vgmedgen.model.vgmedgen` (content hashes checked on
-load). ``from_pretrained`` also takes a bare model version directory, as the train job writes it.
+A saved pipeline is a model version directory (the layout of :mod:`vgmedgen.model.vgmedgen`, content
+hashes checked on load), as the train job writes it. It carries diffusers' ``model_index.json``, so
+diffusers' own loader returns this pipeline too::
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("path/to/model_version", trust_remote_code=True)
+
+``trust_remote_code=True`` is diffusers' condition for any pipeline class outside diffusers: it lets it
+run ``vgmedgen_pipeline.py`` of the folder, whose one line imports this class from the installed
+``vgmedgen`` (see :func:`vgmedgen.model.vgmedgen.write_pipeline_index`). ``from_pretrained`` here
+needs no such flag, and also reads versions written before the index existed and folders saved by
+earlier releases of this class (``model_index.json`` + the version under ``model/``).
 
 Three ways to condition (docs/method.md, section "Sampling and compositional guidance"):
 
@@ -43,7 +51,13 @@ from diffusers.utils import BaseOutput
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.sampler import SamplerConfig
-from vgmedgen.model.vgmedgen import ModelVersionError, VGMedGen
+from vgmedgen.model.vgmedgen import (
+    PIPELINE_CLASS,
+    PIPELINE_MODULE,
+    ModelVersionError,
+    VGMedGen,
+    unsupported_load_kwargs,
+)
 from vgmedgen.model.visual import MASK_THRESHOLD
 
 __all__ = ["PipelineInputError", "ReferenceImage", "VGMedGenPipeline", "VGMedGenPipelineOutput"]
@@ -218,10 +232,10 @@ class VGMedGenPipeline(DiffusionPipeline):
     def save_pretrained(
         self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any
     ) -> None:
-        """Write ``model_index.json`` and the model version under ``model/``.
+        """Write the model version (``VGMedGen.save_pretrained``), ``model_index.json`` included.
 
-        The weights are always safetensors with content hashes (``VGMedGen.save_pretrained``);
-        pushing to a hub or weight variants are not supported.
+        The weights are always safetensors with content hashes; pushing to a hub or weight variants
+        are not supported.
         """
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
         if not safe_serialization or unsupported:
@@ -232,10 +246,7 @@ class VGMedGenPipeline(DiffusionPipeline):
         directory = Path(save_directory)
         if directory.is_file():
             raise PipelineInputError(f"{directory} is a file; save_pretrained needs a directory")
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory / "model")
-        # model_index.json: {"_class_name": "VGMedGenPipeline", "model": ["vgmedgen.model.vgmedgen", "VGMedGen"]}
-        self.save_config(directory)
+        self.model.save_pretrained(directory)
 
     @classmethod
     def from_pretrained(
@@ -244,11 +255,11 @@ class VGMedGenPipeline(DiffusionPipeline):
         device: str | torch.device = "cpu",
         **kwargs: Any,
     ) -> VGMedGenPipeline:
-        """Load a saved pipeline folder, or a bare model version directory.
+        """Load a model version directory (what the train job and :meth:`save_pretrained` write).
 
         Args:
-            pretrained_model_name_or_path: a local directory: a pipeline saved with
-                :meth:`save_pretrained` (``model_index.json`` + ``model/``) or a model version.
+            pretrained_model_name_or_path: a local model version directory, or a folder saved by an
+                earlier release of this class (``model_index.json`` + the version under ``model/``).
             device: where to put the model.
 
         Raises:
@@ -256,15 +267,11 @@ class VGMedGenPipeline(DiffusionPipeline):
                 version, or a file is missing, altered or does not fit the config.
             PipelineInputError: an argument this pipeline does not support.
         """
-        unsupported = {
-            k: v
-            for k, v in kwargs.items()
-            if k not in ("torch_dtype", "dtype") or v not in (None, torch.float32)
-        }
+        unsupported = unsupported_load_kwargs(kwargs)
         if unsupported:
             raise PipelineInputError(
                 f"VGMedGenPipeline.from_pretrained loads local directories only and takes `device`; unsupported "
-                f"arguments: {sorted(unsupported)} (the generator's precision is generator.dtype in model_config.json)"
+                f"arguments: {unsupported} (the generator's precision is generator.dtype in model_config.json)"
             )
         directory = Path(pretrained_model_name_or_path).expanduser()
         if not directory.is_dir():
@@ -277,14 +284,16 @@ class VGMedGenPipeline(DiffusionPipeline):
                 index = cls.load_config(directory)
             except (OSError, ValueError) as exc:
                 raise ModelVersionError(f"{directory / cls.config_name} cannot be read: {exc}") from None
-            if index.get("_class_name") != cls.__name__:
+            # Written by the model version: [module, class]; by earlier releases of save_pretrained: the class.
+            if index.get("_class_name") not in ([PIPELINE_MODULE, PIPELINE_CLASS], PIPELINE_CLASS):
                 raise ModelVersionError(
                     f"{directory} holds a {index.get('_class_name')!r} pipeline, not a {cls.__name__}; load it with "
                     "that class, or point at a VG-MedGen pipeline or model version directory"
                 )
-            model = VGMedGen.from_pretrained(directory / "model", device=device)
-        else:
-            model = VGMedGen.from_pretrained(directory, device=device)
+        legacy = directory / "model"  # the version under model/, as earlier releases saved it
+        model = VGMedGen.from_pretrained(
+            legacy if (legacy / "manifest.json").is_file() else directory, device=device
+        )
         pipe = cls(model)
         pipe.register_to_config(_name_or_path=str(directory))
         return pipe

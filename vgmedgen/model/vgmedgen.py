@@ -8,7 +8,12 @@ A model version is one directory::
     generator/               stage 3: trainable.safetensors (backbone or LoRA + HFFM), ema.safetensors,
                              lora/ (the peft adapter in the format diffusers' load_lora_adapter reads, LoRA mode),
                              config.json, manifest.json
+    model_index.json         diffusers' pipeline index: the folder loads with
+                             ``diffusers.DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)``
+    vgmedgen_pipeline.py     the one line model_index.json points diffusers at: an import of the installed
+                             ``vgmedgen``'s pipeline class (no model code)
     manifest.json            sha256 of every file above
+    MODEL_CARD.md            the model card (written by the platform; documentation, outside the hashes)
 
 Each part is written by the stage that trains it (``save_visual``/``save_text``/``save_generator``);
 loading checks the content hashes and never unpickles. The paths come from the caller
@@ -26,7 +31,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import ModelMixin
 from huggingface_hub.utils.sha import sha_fileobj
 from pydantic import BaseModel, model_validator
 from safetensors.torch import load_file, save_file
@@ -40,6 +47,7 @@ from vgmedgen.model.text import TEXT_PRESETS, TextConfig, TextDisentangler, Text
 from vgmedgen.model.visual import VISUAL_PRESETS, VisualConfig, VisualDisentangler
 
 __all__ = [
+    "MODEL_CARD",
     "MODEL_PRESETS",
     "ModelConfig",
     "ModelVersionError",
@@ -47,14 +55,20 @@ __all__ = [
     "load_generator",
     "load_text",
     "load_visual",
+    "unsupported_load_kwargs",
     "save_generator",
     "save_text",
     "save_visual",
     "write_manifest",
+    "write_pipeline_index",
     "verify_manifest",
 ]
 
 PRESET_NAMES = ("tiny", "demo", "pixart-512")
+
+# The model card of a version: documentation that grows as the version is measured, so it lies outside
+# the manifest's hashes (the version's identity, the sha256 of manifest.json, stays that of its weights).
+MODEL_CARD = "MODEL_CARD.md"
 
 
 class ModelVersionError(FileNotFoundError):
@@ -161,12 +175,13 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``manifest.json`` with the sha256 of every other file under ``directory``."""
+    """Write ``manifest.json`` with the sha256 of every other file under ``directory`` (the model card
+    at its top level excepted: see :data:`MODEL_CARD`)."""
     directory = Path(directory)
     files = {
         str(p.relative_to(directory)): _sha256(p)
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name != "manifest.json" and p != directory / MODEL_CARD
     }
     manifest = {"files": files, **(extra or {})}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -324,8 +339,12 @@ def load_generator(directory: Path, config: GeneratorConfig | None = None) -> tu
 # ---------------------------------------------------------------------------------------------
 
 
-class VGMedGen(nn.Module):
+class VGMedGen(ModelMixin):
     """The three trained parts together: conditions from text or reference images, images, pseudo-masks.
+
+    A diffusers ``ModelMixin`` (a ``torch.nn.Module``) so that diffusers' generic pipeline loader takes it as
+    a pipeline component; its own ``save_pretrained``/``from_pretrained`` (content-hashed safetensors)
+    replace diffusers' weight files.
 
     Args:
         config: the model config.
@@ -362,8 +381,21 @@ class VGMedGen(nn.Module):
         assemble_model_version(self.config, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VGMedGen:
-        """Load a model version directory (content hashes checked, nothing unpickled)."""
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> VGMedGen:
+        """Load a model version directory (content hashes checked, nothing unpickled).
+
+        ``kwargs`` are the loading options diffusers' ``DiffusionPipeline.from_pretrained`` passes each
+        component; they are accepted at the values that change nothing here and refused otherwise
+        (:func:`unsupported_load_kwargs`).
+        """
+        unsupported = unsupported_load_kwargs(kwargs)
+        if unsupported:
+            raise ConfigError(
+                f"VGMedGen loads a local model version in float32 on one device; unsupported arguments: "
+                f"{unsupported} (the generator's precision is generator.dtype in model_config.json)"
+            )
         directory = Path(directory)
         if not directory.is_dir():
             raise ModelVersionError(f"Model version directory {directory} does not exist")
@@ -468,12 +500,81 @@ def read_model_config(path: Path) -> ModelConfig:
 
 
 def assemble_model_version(config: ModelConfig, directory: Path) -> dict[str, Any]:
-    """Write ``model_config.json`` and the version's manifest over parts already in ``directory``."""
+    """Write ``model_config.json``, the diffusers pipeline index and the version's manifest over parts
+    already in ``directory``."""
     directory = Path(directory)
     for part in ("visual", "text", "generator"):
         verify_manifest(directory / part)
     (directory / "model_config.json").write_text(config.model_dump_json(indent=2))
+    write_pipeline_index(directory)
     return write_manifest(directory, {"kind": "vgmedgen-model-version", "preset": config.preset})
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers: a model version is a diffusers pipeline folder
+# ---------------------------------------------------------------------------------------------
+# diffusers 0.42 looks a pipeline's ``_class_name`` up among its own exports only
+# (pipeline_loading_utils._get_pipeline_class: ``getattr(diffusers_module, class_name)``); a class
+# from another package is found through ``_class_name: [<file>, <class>]`` and ``<file>.py`` beside
+# model_index.json (_resolve_custom_pipeline_and_cls), which it runs only with ``trust_remote_code=True``
+# (dynamic_modules_utils.get_cached_module_file). That file here is one import of the installed
+# package. Components of other packages resolve from ``sys.modules`` (_get_library_or_raise: that
+# import put them there), must subclass one of its loadable classes (hence ``ModelMixin``), and load
+# from the folder itself when it has no sub-folder of the component's name (load_sub_model).
+
+PIPELINE_INDEX = "model_index.json"
+PIPELINE_MODULE = "vgmedgen_pipeline"
+PIPELINE_CLASS = "VGMedGenPipeline"
+_PIPELINE_MODULE_TEXT = f'''"""Where diffusers finds the pipeline class of this VG-MedGen model version.
+
+``diffusers.DiffusionPipeline.from_pretrained(<this folder>, trust_remote_code=True)`` runs this file
+because model_index.json names it. It holds no model code: the class, and the loading and checking of
+the weights, come from the installed ``vgmedgen`` package.
+"""
+
+from vgmedgen.model.pipeline import {PIPELINE_CLASS}
+
+__all__ = ["{PIPELINE_CLASS}"]
+'''
+
+
+def write_pipeline_index(directory: Path) -> None:
+    """Write ``model_index.json`` and the module it names, so diffusers loads ``directory`` as a pipeline."""
+    directory = Path(directory)
+    (directory / f"{PIPELINE_MODULE}.py").write_text(_PIPELINE_MODULE_TEXT)
+    index = {
+        "_class_name": [PIPELINE_MODULE, PIPELINE_CLASS],
+        "_diffusers_version": diffusers.__version__,
+        "model": [VGMedGen.__module__, VGMedGen.__name__],
+    }
+    (directory / PIPELINE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# What diffusers' DiffusionPipeline.from_pretrained passes each component's from_pretrained, with the
+# values that change nothing for a model version (safetensors weights, float32, one device).
+_NEUTRAL_LOAD_KWARGS: dict[str, tuple[Any, ...]] = {
+    "torch_dtype": (None, torch.float32),
+    "dtype": (None, torch.float32),
+    "device_map": (None,),
+    "max_memory": (None,),
+    "offload_folder": (None,),
+    "offload_state_dict": (None, False),
+    "variant": (None,),
+    "use_safetensors": (None, True),
+    "low_cpu_mem_usage": (True, False),
+    "disable_mmap": (True, False),
+    "use_flashpack": (False,),
+    "quantization_config": (None,),
+}
+
+
+def unsupported_load_kwargs(kwargs: Mapping[str, Any]) -> list[str]:
+    """The names of loading options that a model version cannot honour (sorted; empty when all are neutral)."""
+    return sorted(
+        k
+        for k, v in kwargs.items()
+        if k not in _NEUTRAL_LOAD_KWARGS or not any(v is n or v == n for n in _NEUTRAL_LOAD_KWARGS[k])
+    )
 
 
 def build_model(config: ModelConfig, text_encoder_dir: Path) -> VGMedGen:

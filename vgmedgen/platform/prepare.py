@@ -25,7 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vgmedgen.platform.config import ExperimentConfig, PrepareConfig
-from vgmedgen.platform.records import RECORD_SCHEMA, RecordError, records_to_table
+from vgmedgen.platform.records import (
+    RECORD_SCHEMA,
+    RecordError,
+    read_records_manifest,
+    records_to_table,
+    write_records_manifest,
+)
 from vgmedgen.platform.runs import records_key
 from vgmedgen.platform.splits import assign_splits
 
@@ -33,7 +39,6 @@ __all__ = ["PrepareError", "PrepareSummary", "prepare_records"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 _META_COLUMNS = ("status", "id", "group", "label", "official_split", "phash", "path", "error")
 
 
@@ -152,13 +157,6 @@ def _plan_chunks(data: PrepareConfig) -> list[dict[str, Any]]:
     return [{"kind": "items", "items": rows[s : s + step]} for s in range(0, len(rows), step)]
 
 
-def _read_manifest(records_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((records_dir / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def prepare_records(
     cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False
 ) -> PrepareSummary:
@@ -170,7 +168,8 @@ def prepare_records(
         fresh: rebuild even when records with the same data config already exist.
 
     Returns:
-        The summary (also written as ``summary`` inside ``manifest.json`` next to the records).
+        The summary (also written as ``summary`` inside ``_manifest.json`` next to the records; its
+        leading underscore keeps it out of ``pandas.read_parquet(dir)`` and ``pyarrow.parquet.read_table(dir)``).
 
     Raises:
         PrepareError: unreadable inputs in strict mode, no images, or nothing usable left.
@@ -180,8 +179,9 @@ def prepare_records(
     data = cfg.data
     dest = cfg.records_dir
     chash = records_key(data)
-    manifest = _read_manifest(dest)
-    if manifest and manifest.get("config_hash") == chash and not fresh:
+    # Records written before 2026-12 carry the manifest as manifest.json: reusing them renames it.
+    manifest = None if fresh else read_records_manifest(dest, migrate=True)
+    if manifest and manifest.get("config_hash") == chash:
         summary = PrepareSummary(**{**manifest["summary"], "reused": True})
         log.info("Records at %s already match this data config (hash %s); reusing them", dest, chash)
         return summary
@@ -209,16 +209,14 @@ def prepare_records(
         summary.seconds = round(time.perf_counter() - t0, 2)
         summary.records_dir = str(dest)
         summary.config_hash = chash
-        (tmp / MANIFEST).write_text(
-            json.dumps(
-                {
-                    "config_hash": chash,
-                    "data_config": data.model_dump(mode="json"),
-                    "record_version": RECORD_SCHEMA.metadata[b"vgmedgen.record_version"].decode(),
-                    "summary": asdict(summary),
-                },
-                indent=2,
-            )
+        write_records_manifest(
+            tmp,
+            {
+                "config_hash": chash,
+                "data_config": data.model_dump(mode="json"),
+                "record_version": RECORD_SCHEMA.metadata[b"vgmedgen.record_version"].decode(),
+                "summary": asdict(summary),
+            },
         )
         shutil.rmtree(stage)
         _swap_into_place(tmp, dest)

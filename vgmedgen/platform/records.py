@@ -32,7 +32,9 @@ __all__ = [
     "records_to_table",
     "validate_table",
     "read_records",
+    "read_records_manifest",
     "read_split",
+    "write_records_manifest",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -56,6 +58,13 @@ RECORD_SCHEMA = pa.schema(
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# The JSON beside the part files (what ``prepare`` built them from, and its counts). Its name starts
+# with "_" because pyarrow's dataset discovery (and so ``pandas.read_parquet(dir)`` and
+# ``pyarrow.parquet.read_table(dir)``) skips names starting with "_" or "."; any other name there is
+# read as a Parquet file and fails. Records written before 2026-12 carry it as ``manifest.json``.
+RECORDS_MANIFEST = "_manifest.json"
+LEGACY_RECORDS_MANIFEST = "manifest.json"
 
 
 # The ``source`` prefix of synthetic rows (generated images added to a train split); such rows never
@@ -165,6 +174,38 @@ def read_records(path: str | Path, columns: list[str] | None = None) -> pa.Table
         table = table.cast(RECORD_SCHEMA)
         validate_table(table, where=str(path))
     return table
+
+
+def write_records_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> Path:
+    """Write the records manifest of ``directory`` (replacing a legacy ``manifest.json``, which would stop
+    plain pyarrow and pandas from reading the directory)."""
+    directory = Path(directory)
+    path = directory / RECORDS_MANIFEST
+    path.write_text(json.dumps(dict(manifest), indent=2))
+    (directory / LEGACY_RECORDS_MANIFEST).unlink(missing_ok=True)
+    return path
+
+
+def read_records_manifest(directory: str | Path, *, migrate: bool = False) -> dict[str, Any] | None:
+    """The records manifest of ``directory``, or None when it has none (or an unreadable one).
+
+    Records written before 2026-12 name it ``manifest.json``; it is read too, and with ``migrate`` renamed
+    to ``_manifest.json`` so that the directory opens with ``pandas.read_parquet`` and
+    ``pyarrow.parquet.read_table``.
+    """
+    directory = Path(directory)
+    for name in (RECORDS_MANIFEST, LEGACY_RECORDS_MANIFEST):
+        try:
+            manifest = json.loads((directory / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if migrate and name == LEGACY_RECORDS_MANIFEST:
+            try:
+                (directory / name).replace(directory / RECORDS_MANIFEST)
+            except FileNotFoundError:
+                pass  # another job renamed it first
+        return manifest
+    return None
 
 
 def read_split(

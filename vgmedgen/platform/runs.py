@@ -12,7 +12,7 @@ Names:
 - evaluation networks ``<net>-<hash12>`` (:func:`net_run_name`): the spec plus its records' part files;
 - the train job's MLflow parent run ``<experiment>-job-<hash12>`` (:func:`job_key`);
 - model versions, by content (:func:`version_name`), and the built text encoder (:func:`encoder_name`);
-- records (:func:`records_key`), low-data subsets (:func:`subset_name`) and synthetic sets
+- records (:func:`records_key`, and :func:`records_fingerprint` of their part files), low-data subsets (:func:`subset_name`) and synthetic sets
   (:func:`synthetic_set_name`);
 - sweep trials ``<sweep>-trial-<hash12>`` (:func:`trial_name`), from the overrides a trial applies;
 - generation plans ``<model id>-plan-<hash12>`` (:func:`plan_name`) and their shards
@@ -43,6 +43,7 @@ __all__ = [
     "plan_name",
     "read_done",
     "records_files",
+    "records_fingerprint",
     "records_key",
     "shard_name",
     "stage_identity",
@@ -81,6 +82,12 @@ def records_files(directories: Iterable[str | Path]) -> list[tuple[str, int]]:
     for d in directories:
         files += sorted((p.name, p.stat().st_size) for p in Path(d).glob("*.parquet"))
     return files
+
+
+def records_fingerprint(directories: Iterable[str | Path]) -> str:
+    """A hash of the Parquet part files (names and sizes) of record directories: what a model card shows
+    as the identity of the records a model was trained on."""
+    return stable_hash(records_files(directories), 16)
 
 
 def stage_identity(

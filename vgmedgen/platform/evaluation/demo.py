@@ -10,7 +10,8 @@ After training (a Ray cluster, ``train_experiment``) the demo
    validation records (its ceiling);
 3. samples the swap grid of ``cfg.adherence`` from the model version and measures every image with
    the ruler (the headline) and with the model's own pseudo-mask (beside, labelled);
-4. logs the metrics and the grids into the train job's MLflow parent run.
+4. adds the headline figures to the version's model card (``MODEL_CARD.md``) and logs the metrics, the
+   grids and the updated card into the train job's MLflow parent run.
 
 Everything it reads is the experiment config: ``cfg.adherence`` (``adherence.seeds_per_cell=4`` on
 the command line, ``adherence:`` in YAML) is out of every training identity, so changing it
@@ -19,12 +20,14 @@ re-measures a trained model without retraining it.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vgmedgen.model.configbase import ConfigError
+from vgmedgen.model.vgmedgen import MODEL_CARD
 from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.evaluation.adherence import (
     AdherenceResult,
@@ -33,6 +36,7 @@ from vgmedgen.platform.evaluation.adherence import (
     ruler_accuracy,
     train_ruler,
 )
+from vgmedgen.platform.modelcard import record_measurements
 
 if TYPE_CHECKING:
     from vgmedgen.platform.training.driver import TrainSummary
@@ -51,14 +55,43 @@ class DemoOutcome:
     seeds_per_cell: int
 
 
-def _log_to_mlflow(uri: str, run_id: str, result: AdherenceResult, out_dir: Path) -> None:
-    """Adherence metrics and the grids into the train job's MLflow parent run."""
+def _log_to_mlflow(uri: str, run_id: str, result: AdherenceResult, out_dir: Path, card: Path) -> None:
+    """Adherence metrics and the grids into the train job's MLflow parent run, and the updated model card
+    beside the registered version's files."""
     from vgmedgen.platform.tracking import MetricsSink
 
     sink = MetricsSink(uri, run_id)
     sink([(0, result.metrics())])
     paths = [p for p in (result.grid_path, result.samples_path, out_dir / "adherence.json") if p is not None]
     sink.artifacts([p for p in paths if p.is_file()], artifact_path="adherence")
+    sink.artifacts([card], artifact_path="model_version")
+
+
+def _record_on_card(cfg: ExperimentConfig, version_dir: Path, result: AdherenceResult, out_dir: Path) -> Path:
+    """The headline adherence figures (per factor, pass flags, the pseudo-mask's and the ruler's ceiling;
+    not the per-row and per-column ones) on the version's model card."""
+    headline = {k: v for k, v in result.metrics().items() if not re.search(r"/(row|col)\d+_", k)}
+    adh = cfg.adherence
+    ruler = result.ruler_run.parent.name if result.ruler_run is not None else result.instrument
+    source = (
+        f"jobs/demo.py: the swap grid ({len(result.rows)} anatomy x {len(result.columns)} style prompts, "
+        f"{adh.seeds_per_cell} seeds per cell) read by `{ruler}`; thresholds "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result.thresholds.items())
+    )
+    files = {
+        "swap grid": result.grid_path,
+        "samples": result.samples_path,
+        "measurements": out_dir / "adherence.json",
+    }
+    return record_measurements(
+        version_dir,
+        "adherence",
+        headline,
+        dataset=cfg.data.dataset,
+        records=cfg.data.records_name,
+        source=source,
+        files={k: str(p) for k, p in files.items() if p is not None},
+    )
 
 
 def run_demo(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False) -> DemoOutcome:
@@ -105,8 +138,9 @@ def run_demo(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool =
     with torch.no_grad():
         result = measure_adherence(model, adh, colours, ruler, out_dir=out_dir, ruler_on_real=on_real)
     t_adh = time.perf_counter() - t2
+    card = _record_on_card(cfg, summary.model_version, result, out_dir)
     if summary.mlflow_run_id and summary.tracking_uri:
-        _log_to_mlflow(summary.tracking_uri, summary.mlflow_run_id, result, out_dir)
+        _log_to_mlflow(summary.tracking_uri, summary.mlflow_run_id, result, out_dir, card)
     seconds = {"train": t_train, "ruler": t_ruler, "adherence": t_adh, "total": time.perf_counter() - t0}
     return DemoOutcome(summary, result, out_dir, seconds, adh.seeds_per_cell)
 
@@ -135,6 +169,7 @@ def demo_report(outcome: DemoOutcome) -> str:
         f"swap grid:      {r.grid_path}   (rows: anatomy prompts, columns: style prompts)",
         f"sample grid:    {r.samples_path}   ({outcome.seeds_per_cell} seeds per cell, side by side)",
         f"measurements:   {outcome.out_dir / 'adherence.json'}",
+        f"model card:     {s.model_version / MODEL_CARD}   (adherence added)",
         f"ruler:          {ruler}   (a lesion segmentor trained once on the real train records, the same for every model)",
         "",
         f"Adherence of the swap grid in SynthDerm's words ({r.vocabulary}): size and position by the {r.instrument}'s mask,",

@@ -13,7 +13,9 @@ Steps, each reusing earlier work where its inputs are unchanged:
 6. on SynthDerm, controllability through the judges (matched and swapped prompts);
 7. optionally, the downstream augmentation benchmark;
 8. the report (JSON, Markdown, PNG) under ``<output_root>/evaluation/<experiment>/<version>/``, logged
-   to MLflow in the model version's training run (metrics and an ``evaluation/`` artifact folder).
+   to MLflow in the model version's training run (metrics and an ``evaluation/`` artifact folder);
+9. the figures on the version's model card (``MODEL_CARD.md``), also beside the registered version's
+   files in MLflow when the training run is known.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from vgmedgen.platform.metrics.fidelity import (
 from vgmedgen.platform.metrics.memorisation import memorisation_share
 from vgmedgen.platform.metrics.report import EvaluationReport, distance_rows, write_report
 from vgmedgen.platform.metrics.stats import FeatureSummary
+from vgmedgen.platform.modelcard import record_measurements
 from vgmedgen.platform.records import decode_images, read_split
 from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, fit_classifier
 
@@ -309,16 +312,33 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
         paths["samples_png"] = save_grid(
             gen_images[:32].float() / 255.0, out_dir / "samples.png", ncol=8, provenance=shown
         )
+    metrics = dict(scalars)
+    for r in rows:
+        metrics[f"eval/{r.metric}"] = r.value
+        metrics[f"eval/{r.metric}_floor"] = r.floor
+    metrics["eval/memorisation_share"] = mem.share
+    metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+    card = None
+    if version_dir is not None:
+        card = record_measurements(
+            version_dir,
+            "evaluation",
+            metrics,
+            dataset=cfg.data.dataset,
+            records=cfg.data.records_name,
+            split=ev.reference_split,
+            source=f"jobs/evaluate.py: {n} generated images (evaluate.seed {ev.seed}) against the real "
+            f"{ev.reference_split} split",
+            files={"report": str(paths["markdown"])},
+        )
+        paths["model_card"] = card
     if tracker is not None:
+        if card is not None and run_id is not None:
+            tracker.log_artifact(run_id, card, "model_version")  # the registered copy's card
         if run_id is None:
             run_id = tracker.run(
                 key=f"{cfg.name}-evaluate-{tag}", name=f"{cfg.name}-evaluate", tags={"job": "evaluate"}
             )
-        metrics = dict(scalars)
-        for r in rows:
-            metrics[f"eval/{r.metric}"] = r.value
-            metrics[f"eval/{r.metric}_floor"] = r.floor
-        metrics["eval/memorisation_share"] = mem.share
-        tracker.sink(run_id)([(0, {k: v for k, v in metrics.items() if np.isfinite(v)})])
+        tracker.sink(run_id)([(0, metrics)])
         tracker.log_artifacts(run_id, out_dir, "evaluation")
     return EvaluationOutcome(report, paths, out_dir, run_id, time.perf_counter() - t0)

@@ -1,4 +1,5 @@
-"""The train job: prepare records if needed, run the configured stages, assemble and register the model version."""
+"""The train job: prepare records if needed, run the configured stages, assemble the model version, write its
+model card and register it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from vgmedgen.model.vgmedgen import assemble_model_version
 from vgmedgen.platform.config import ExperimentConfig
+from vgmedgen.platform.modelcard import write_model_card
 from vgmedgen.platform.runs import encoder_name, job_key, version_name
 from vgmedgen.platform.storage import atomic_directory
 from vgmedgen.platform.training.runner import PARTS, StageResult, run_stage
@@ -143,6 +145,7 @@ def train_experiment(
         raise FileNotFoundError(f"No {', '.join(missing)} part: run those stages or set train.init_from")
     version_dir = assemble_version(cfg, parts)
     version = version_dir.name
+    card = write_model_card(version_dir, cfg, results, train_run_id=parent)
     summary = TrainSummary(version_dir, results, time.perf_counter() - t0, parent)
     if tracker is not None:
         summary.tracking_uri = tracker.uri
@@ -154,5 +157,9 @@ def train_experiment(
         summary.registered = (
             f"{tracker.model_name} v{tracker.register(parent, 'model_version')} @{cfg.tracking.alias}"
         )
+        # The card names its registry entry; the registered copy gets the card too (it is outside the
+        # manifest, so the registered version's files and id are unchanged).
+        write_model_card(version_dir, cfg, results, train_run_id=parent, registered=summary.registered)
+        tracker.log_artifact(parent, card, "model_version")
         tracker.finish(parent)
     return summary
