@@ -138,7 +138,7 @@ def load_image_folder(folder: Path, limit: int | None = None) -> torch.Tensor:
     if not files:
         raise FileNotFoundError(f"evaluate.generated_dir {folder} holds no .png/.jpg files")
     arrays = []
-    for p in files:
+    for p in tqdm(files, desc=f"reading {folder.name}", unit="image"):
         try:
             arrays.append(decode_png(p.read_bytes()))
         except Exception as exc:  # PIL raises several types for a broken file
