@@ -301,6 +301,61 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     assert "/nonexistent/version" in capsys.readouterr().err
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_interrupted_evaluate_job_ends_its_run_killed_and_a_rerun_finishes_it(
+    ray_cluster, output_root: Path, tmp_path: Path
+):
+    """The evaluate job on a folder of generated PNGs, as a real process: SIGINT while it trains its domain
+    extractor ends its MLflow run KILLED (exit 130); the same job run again reuses that run and ends it
+    FINISHED, with its progress (images counted) in the job's output."""
+    import signal
+
+    from jobprocess import JobProcess
+
+    from vgmedgen.platform.tracking import Tracker
+
+    folder = tmp_path / "generated-pngs"
+    folder.mkdir()
+    for i in range(16):
+        (folder / f"{i:03d}.png").write_bytes(synthderm_record(7, i, 16)["image"])
+    overrides = [
+        f"output_root={output_root}",
+        "data.synthderm.num_records=160",
+        f"evaluate.generated_dir={folder}",
+        "evaluate.num_images=16",
+        "evaluate.domain_net=tiny",
+        "evaluate.domain_train.batch_size=16",
+        "evaluate.domain_train.log_every=1",
+        "evaluate.fidelity.kid_subset_size=8",
+        "evaluate.fidelity.kid_subsets=5",
+        "evaluate.controllability.enabled=off",
+    ]
+    cfg = load_experiment(REPO / "configs/tiny.yaml", overrides)
+    tracker = Tracker(cfg.tracking, cfg.root, cfg.name)  # the store exists before the job opens it
+    key = f"{cfg.name}-evaluate-{folder.name}"
+    args = ["--config", "configs/tiny.yaml", *overrides]
+
+    # 1. interrupted while it trains the domain extractor (far more steps than it gets to run)
+    job = JobProcess("evaluate.py", [*args, "evaluate.domain_train.steps=100000"])
+    job.wait_for(
+        lambda out: "[evaluate] domain extractor" in out and " step " in out and tracker.find_run(key)
+    )
+    run_id = tracker.find_run(key)
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    assert job.interrupt(signal.SIGINT) == 130, job.output()[-3000:]
+    assert "interrupted (SIGINT)" in job.output()
+    assert tracker.client.get_run(run_id).info.status == "KILLED"
+
+    # 2. the same job again (fewer domain steps): the same run, FINISHED, with its results and progress
+    again = JobProcess("evaluate.py", [*args, "evaluate.domain_train.steps=5"])
+    assert again.process.wait(300) == 0, again.output()[-3000:]
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "eval/SFD" in run.data.metrics
+    assert len(tracker.client.search_runs([tracker.experiment_id])) == 1  # reused, not a second run
+    assert "domain features, generated" in again.output() and "16/16" in again.output()
+
+
 def test_coordinate_channels_are_appended_and_saved(tmp_path: Path) -> None:
     from vgmedgen.model.domain_nets import DomainClassifier
 

@@ -333,3 +333,21 @@ def test_the_config_names_the_file_torch_fidelity_fetches() -> None:
     from vgmedgen.platform.evaluation.config import INCEPTION_WEIGHTS_FILE
 
     assert URL_INCEPTION_V3.rsplit("/", 1)[-1] == INCEPTION_WEIGHTS_FILE
+
+
+def test_feature_extraction_reports_progress_in_images(capfd: pytest.CaptureFixture[str]) -> None:
+    """Inception on a CPU takes minutes per set: extraction shows a bar counting images on stderr
+    (the terminal, and the job log under `ray job submit`); off when asked (inside Ray tasks)."""
+    extractor = fidelity.create_domain_extractor(DomainClassifier(domain_net_config("tiny")), device="cpu")
+    feats = fidelity.extract_features(extractor, _images(10, seed=1), batch_size=4, desc="domain, generated")
+    err = capfd.readouterr().err
+    assert feats.shape[0] == 10
+    assert "domain, generated" in err and "10/10" in err and "image" in err
+
+    blocks = [_images(6, seed=2), _images(5, seed=3)]  # a set in shards: the total is still known
+    fidelity.summarise_images(extractor, blocks, batch_size=4, desc="real train")
+    err = capfd.readouterr().err
+    assert "real train" in err and "11/11" in err
+
+    fidelity.extract_features(extractor, _images(3, seed=4), batch_size=2, progress=False)
+    assert capfd.readouterr().err == ""

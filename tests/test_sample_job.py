@@ -231,10 +231,9 @@ def test_registry_reference_resolves_and_unknown_alias_exits_2(
 
     root = tmp_path / "root"
     tracker = Tracker(TrackingConfig(), root, "vgmedgen")  # what the train job of experiment 'vgmedgen' uses
-    run_id = tracker.run(key="sample-job-test", name="train")
-    tracker.log_artifacts(run_id, version, "model_version")
-    assert tracker.register(run_id, "model_version") == "1"
-    tracker.finish(run_id)
+    with tracker.open_run(key="sample-job-test", name="train") as run_id:
+        tracker.log_artifacts(run_id, version, "model_version")
+        assert tracker.register(run_id, "model_version") == "1"
 
     out = tmp_path / "reg"
     args = ["--caption", CAPTIONS[0], "--n", "1", "--seed", "1", "--quiet", f"output_root={root}"]

@@ -18,7 +18,7 @@ from vgmedgen.model.vgmedgen import VGMedGen, write_manifest
 from vgmedgen.platform.cluster import ClusterError, probe_address
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.prepare import prepare_records
-from vgmedgen.platform.runs import stage_run_name
+from vgmedgen.platform.runs import job_key, stage_run_name
 from vgmedgen.platform.tracking import Tracker, resolve_model
 from vgmedgen.platform.training.driver import assemble_version, ensure_text_encoder, train_experiment
 from vgmedgen.platform.training.runner import StageInputError, run_stage
@@ -69,6 +69,7 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
         )
     }
     assert set(children) == {"visual", "align", "dit"}
+    assert {parent.info.status} | {r.info.status for r in children.values()} == {"FINISHED"}
     for stage, run in children.items():
         history = client.get_metric_history(run.info.run_id, f"{stage}/total")
         assert sorted(m.step for m in history) == list(range(STEPS))  # every step exactly once
@@ -281,3 +282,44 @@ def test_ray_data_ingest_streams_shards_to_workers(ray_cluster, output_root: Pat
     res = run_stage(cfg, "visual", {})
     assert res.trained and (res.export_dir / "model.safetensors").is_file()
     assert res.metrics["step"] == 2 and res.metrics["visual/samples_per_s"] > 0
+
+
+def test_train_job_stopped_with_sigterm_ends_its_runs_killed_and_a_resubmit_finishes_them(
+    ray_cluster, output_root: Path
+):
+    """`ray job stop`, Kubernetes and `kill` send SIGTERM: the train job (a real process, connected to Ray,
+    whose ray.init installs a SIGTERM handler of its own) ends its parent and stage runs KILLED and exits
+    143; resubmitted, it reopens the same runs and ends them FINISHED."""
+    import signal
+
+    from jobprocess import JobProcess
+
+    overrides = [
+        f"output_root={output_root}",
+        "data.synthderm.num_records=120",
+        "train.scaling.num_workers=0",
+        "train.visual.steps=60",
+        "train.visual.log_every=1",
+        *[f"train.{s}.{k}={v}" for s in ("align", "dit") for k, v in (("steps", 2), ("checkpoint_every", 2))],
+    ]
+    cfg = load_experiment(REPO / "configs/tiny.yaml", overrides)
+    tracker = Tracker(cfg.tracking, cfg.root, cfg.name)  # the store exists before the job opens it
+    visual_key = stage_run_name(cfg, "visual", {})
+    job = JobProcess("train.py", ["--config", "configs/tiny.yaml", *overrides])
+    job.wait_for(lambda out: "[visual] step" in out and tracker.find_run(visual_key))
+    rc = job.interrupt(signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in job.output(), job.output()[-3000:]
+    parent_id, visual_id = tracker.find_run(job_key(cfg)), tracker.find_run(visual_key)
+    status = tracker.client.get_run
+    assert status(parent_id).info.status == status(visual_id).info.status == "KILLED"
+
+    summary = train_experiment(cfg)  # resubmitted: the same runs, reopened and finished
+    assert summary.mlflow_run_id == parent_id and summary.stages[0].mlflow_run_id == visual_id
+    assert [status(r.mlflow_run_id).info.status for r in summary.stages] == ["FINISHED"] * 3
+    assert status(parent_id).info.status == "FINISHED"
+    history = tracker.client.get_metric_history(visual_id, "visual/total")
+    assert sorted(m.step for m in history) == list(range(60))  # each step once across both attempts
+    # a finished job resubmitted trains nothing and leaves its runs FINISHED (they are not reopened)
+    again = train_experiment(cfg)
+    assert not any(r.trained for r in again.stages)
+    assert {status(r.mlflow_run_id).info.status for r in again.stages} == {"FINISHED"}

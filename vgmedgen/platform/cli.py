@@ -4,19 +4,39 @@ A job is ``python jobs/<name>.py --config configs/x.yaml [dotted.path=value ...]
 (a config typo, a missing dataset, an unreachable cluster) print one message and exit with
 status 2, without a stack trace from deep inside a library; anything else is a bug and keeps
 its traceback.
+
+An interrupted job ends its work the way Ctrl-C does: SIGTERM (what ``ray job stop``, Kubernetes and
+``kill`` send) raises :class:`Terminated`, a ``KeyboardInterrupt``, in the main thread, so every MLflow
+run the job holds open ends KILLED (:meth:`vgmedgen.platform.tracking.Tracker.open_run`) and the job
+exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig, load_experiment
 
-__all__ = ["job_parser", "load_from_args", "run_job"]
+__all__ = ["Terminated", "job_parser", "load_from_args", "run_job"]
+
+
+class Terminated(KeyboardInterrupt):
+    """The job received SIGTERM; handled as an interrupt (Ctrl-C) so that open runs end KILLED."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -67,12 +87,19 @@ def load_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run_job(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a job's ``main``; user errors become one message on stderr and exit status 2."""
+    """Run a job's ``main``; user errors become one message on stderr and exit status 2, an interrupt
+    (SIGINT, or SIGTERM as :class:`Terminated`) exits 128 + the signal number once open runs are ended."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return int(main(argv) or 0)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:  # None: a handler installed outside Python, which cannot be restored
+            signal.signal(signal.SIGTERM, previous)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from urllib.parse import urlparse
 
 __all__ = ["ClusterError", "connect", "probe_address"]
@@ -63,5 +65,11 @@ def connect(
     if address in (None, "local"):
         kwargs.update(num_cpus=num_cpus, include_dashboard=include_dashboard)
     log.info("Connecting to Ray at %s", address or "a new local instance")
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(**{k: v for k, v in kwargs.items() if v is not None or k == "address"})
+    if callable(on_sigterm):
+        # ray.init replaces the driver's SIGTERM handler with sys.exit(15); keep the job's own
+        # (vgmedgen.platform.cli.run_job), which ends the job's MLflow runs KILLED rather than FAILED.
+        signal.signal(signal.SIGTERM, on_sigterm)
     return ray

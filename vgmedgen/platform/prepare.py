@@ -189,6 +189,11 @@ def prepare_records(
     t0 = time.perf_counter()
     chunks = _plan_chunks(data)
     ray = connect(address)
+    # Ray Data shows its own progress of the tasks below (one per chunk) on the driver.
+    print(
+        f"[prepare] {data.dataset}: {len(chunks)} chunks of at most {data.items_per_task} inputs -> {dest}",
+        flush=True,
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
     stage = tmp / "stage"
@@ -205,6 +210,7 @@ def prepare_records(
             num_cpus=1,
         )
         meta = ds.take_all()
+        print(f"[prepare] splitting and writing {len(meta)} records ...", flush=True)
         summary = _finalise(meta, data, stage, tmp)
         summary.seconds = round(time.perf_counter() - t0, 2)
         summary.records_dir = str(dest)

@@ -1,5 +1,11 @@
 """MLflow tracking: one parent run per job, a nested run per stage, the model registry.
 
+A job opens its runs only through :meth:`Tracker.open_run`, a context manager that ends the run
+FINISHED when its block completes, KILLED when the block is interrupted (``KeyboardInterrupt``: Ctrl-C,
+and SIGTERM, which :func:`vgmedgen.platform.cli.run_job` turns into
+:class:`~vgmedgen.platform.cli.Terminated`) and FAILED when it raises anything else. A resubmitted job
+finds its run by key and reopens it, so an interrupted run ends FINISHED once its job completes.
+
 The tracking URI comes from the config, else ``MLFLOW_TRACKING_URI``, else a sqlite store under the
 output root with artifacts beside it (MLflow 3.17 refuses ``file:`` stores). For a multi-node
 cluster, point ``tracking.uri`` at an MLflow server every node can reach. Workers log through
@@ -12,7 +18,8 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +37,7 @@ __all__ = [
     "Tracker",
     "TrackingConfig",
     "flatten",
+    "open_run",
     "resolve_model",
 ]
 
@@ -133,34 +141,67 @@ class Tracker:
     def ui_command(self) -> str:
         return f"mlflow ui --backend-store-uri {self.uri}"
 
-    def run(
+    @contextmanager
+    def open_run(
         self, key: str, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None
-    ) -> str:
-        """The run tagged with ``key``: the existing one (resumed jobs reuse it) or a new one."""
+    ) -> Iterator[str]:
+        """The run tagged with ``key`` (the existing one, reopened: resumed jobs reuse it; or a new one), open
+        for the block and ended by how the block ends.
+
+        Yields:
+            The run id.
+
+        The status is FINISHED when the block completes, KILLED on ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM
+        through :func:`vgmedgen.platform.cli.run_job`) and FAILED on any other exception, which propagates.
+        """
+        run_id = self._reopen(key, name, parent_id, tags)
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self._end(run_id, "KILLED")
+            raise
+        except BaseException:
+            self._end(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def find_run(self, key: str) -> str | None:
+        """The id of the run tagged with ``key``, if any; its status is left as it is."""
+        run = self._find(key)
+        return run.info.run_id if run is not None else None
+
+    def _find(self, key: str) -> Any:
         found = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
         )
-        if found:
-            run_id = found[0].info.run_id
-            if found[0].info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
-            return run_id
+        return found[0] if found else None
+
+    def _reopen(self, key: str, name: str, parent_id: str | None, tags: Mapping[str, str] | None) -> str:
+        run = self._find(key)
+        if run is not None:
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
         all_tags = {RUN_KEY_TAG: key, "git_commit": git_commit(), **(tags or {})}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
 
+    def _end(self, run_id: str, status: str) -> None:
+        """End a run on the way out of a failed or interrupted block, never masking why the block ended."""
+        try:
+            self.client.set_terminated(run_id, status=status)
+        except Exception as exc:  # an unreachable tracking server must not hide the job's own error
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
     def retire(self, key: str, new_key: str) -> None:
-        """Re-tag the runs found by ``key`` with ``new_key``, so that :meth:`run` starts a new one for ``key``."""
+        """Re-tag the runs found by ``key`` with ``new_key``, so that :meth:`open_run` starts a new one for ``key``."""
         for run in self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'"
         ):
             self.client.set_tag(run.info.run_id, RUN_KEY_TAG, new_key)
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, status="KILLED")
-
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -224,6 +265,19 @@ class Tracker:
             [self.experiment_id], filter_string=f"tags.model_version = '{version}'", max_results=1
         )
         return runs[0].info.run_id if runs else None
+
+
+def open_run(
+    tracker: Tracker | None,
+    key: str,
+    name: str,
+    parent_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> AbstractContextManager[str | None]:
+    """:meth:`Tracker.open_run` when tracking is on, else a block that yields None (no run)."""
+    if tracker is None:
+        return nullcontext(None)
+    return tracker.open_run(key, name, parent_id, tags)
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.evaluation.config import DownstreamConfig
@@ -150,6 +151,17 @@ def _fit_and_score(spec_json: str, storage: str, name: str, task: str) -> dict[s
     return _test_metrics(spec, trained, task)
 
 
+def _gather(ray: Any, refs: list[Any], *, desc: str) -> list[Any]:
+    """``ray.get(refs)`` with a progress bar of finished runs (each run also logs its own steps)."""
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, unit="run") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # a failed run raises here, at once, rather than after the others
+            bar.update(len(done))
+    return ray.get(refs)
+
+
 def run_downstream(
     cfg: DownstreamConfig,
     model,
@@ -237,6 +249,6 @@ def run_downstream(
                 )
             )
             meta.append({"plan": plan, "seed": s, "n_real": len(rows), "n_synthetic": n_syn})
-    results = ray.get(jobs)
+    results = _gather(ray, jobs, desc=f"downstream {task} runs")
     runs = [{**m, **{k: float(v) for k, v in r.items()}} for m, r in zip(meta, results)]
     return DownstreamResult(task, runs, time.perf_counter() - t0, classes)

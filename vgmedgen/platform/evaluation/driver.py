@@ -75,7 +75,8 @@ def _split_uint8(records_dir: Path, split: str) -> torch.Tensor:
     """One split's images as (N, 3, H, W) uint8: whole splits are held for feature extraction, so never
     as float32 (4x the memory)."""
     blobs = read_split(records_dir, split, ["image"]).column("image").to_pylist()
-    return torch.from_numpy(decode_images(blobs)).permute(0, 3, 1, 2).contiguous()
+    images = decode_images(blobs, desc=f"decoding the real {split} split")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def domain_extractor(cfg: ExperimentConfig, storage: Path):
@@ -104,7 +105,7 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
     from vgmedgen.model.vgmedgen import VGMedGen
     from vgmedgen.platform.cluster import connect
     from vgmedgen.platform.prepare import prepare_records
-    from vgmedgen.platform.tracking import Tracker, resolve_model
+    from vgmedgen.platform.tracking import Tracker, open_run, resolve_model
 
     t0 = time.perf_counter()
     ev = cfg.evaluate
@@ -131,214 +132,234 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
                 f"the model generates {model.config.image_size}px images but data.resolution is {cfg.data.resolution}; "
                 "evaluate against records of the model's resolution"
             )
-    connect(address)
-    prepare_records(cfg, address=address)
-    storage = cfg.root / "evaluation" / cfg.data.records_name
     run_id = None
     if model_ref is None:
         tag = Path(ev.generated_dir).name
     else:
         run_id, tag = model_ref.run_id, model_ref.name
-    out_dir = cfg.root / "evaluation" / cfg.name / tag
-    report_warnings = [fid_warning] if fid_warning else []
-    scalars: dict[str, float] = {}
-    tables: dict[str, list[dict]] = {}
+    # Results go to the model version's training run; without one (a folder of images, or a version this
+    # store did not train) the job opens its own run, which ends FINISHED, KILLED or FAILED with the job.
+    own_run = tracker if run_id is None else None
+    with open_run(
+        own_run, key=f"{cfg.name}-evaluate-{tag}", name=f"{cfg.name}-evaluate", tags={"job": "evaluate"}
+    ) as opened:
+        run_id = run_id or opened
+        connect(address)
+        prepare_records(cfg, address=address)
+        storage = cfg.root / "evaluation" / cfg.data.records_name
+        out_dir = cfg.root / "evaluation" / cfg.name / tag
+        report_warnings = [fid_warning] if fid_warning else []
+        scalars: dict[str, float] = {}
+        tables: dict[str, list[dict]] = {}
 
-    print("[evaluate] domain extractor ...", flush=True)
-    domain, domain_kind = domain_extractor(cfg, storage)
-    scalars.update({f"domain_net/val_{k}": float(v) for k, v in domain.metrics.items()})
+        print("[evaluate] domain extractor ...", flush=True)
+        domain, domain_kind = domain_extractor(cfg, storage)
+        scalars.update({f"domain_net/val_{k}": float(v) for k, v in domain.metrics.items()})
 
-    # -- the generated set ----------------------------------------------------------------------
-    train_rows = prompt_rows(cfg.records_dir, "train")
-    gen_masks = None
-    if model is not None:
-        rng = np.random.default_rng([ev.seed, 11])
-        idx = rng.choice(len(train_rows), size=ev.num_images, replace=ev.num_images > len(train_rows))
-        picked = train_rows.take(idx)
-        seeds = [ev.seed * 1_000_003 + i for i in range(ev.num_images)]
-        gen = generate(
-            model, picked.anatomy, picked.style, seeds, sampler=ev.sampler, batch_size=ev.batch_size
-        )
-        gen_images, gen_masks = gen.images, gen.masks
-        adherence = anatomy_adherence(
-            gen_masks, picked.attributes, vocabulary=prompt_vocabulary(cfg.data.dataset)
-        )
-        scalars.update(adherence)
-    else:
-        gen_images = load_image_folder(Path(ev.generated_dir), limit=ev.num_images)
-    n = gen_images.shape[0]
-
-    # -- distances ------------------------------------------------------------------------------
-    reference = _split_uint8(cfg.records_dir, ev.reference_split)
-    train_images = _split_uint8(cfg.records_dir, "train")
-    fc = ev.fidelity
-    kw = {"kid_subsets": fc.kid_subsets, "kid_subset_size": fc.kid_subset_size, "seed": fc.seed}
-    rows = []
-    extractors = [("domain", create_domain_extractor(domain.net), *domain_metric_names(cfg.data.dataset))]
-    if fid_warning is None and fc.fid != "off":
-        extractors.append(
-            ("inception", create_inception_extractor(fc.feature_extractor_weights_path), "FID", "KID")
-        )
-    domain_feats: dict[str, torch.Tensor] = {}
-    for name, extractor, fd_name, kd_name in extractors:
-        # Features once per set: the summaries (distances) and, for the domain net, memorisation use them.
-        feats = {
-            key: extract_features(extractor, imgs, batch_size=fc.batch_size)
-            for key, imgs in (("gen", gen_images), ("ref", reference), ("train", train_images))
-        }
-        summ = {
-            key: FeatureSummary.empty(f.shape[1], max(fc.reservoir_size, n), fc.seed).update(
-                f, list(range(len(f)))
+        # -- the generated set ----------------------------------------------------------------------
+        train_rows = prompt_rows(cfg.records_dir, "train")
+        gen_masks = None
+        if model is not None:
+            rng = np.random.default_rng([ev.seed, 11])
+            idx = rng.choice(len(train_rows), size=ev.num_images, replace=ev.num_images > len(train_rows))
+            picked = train_rows.take(idx)
+            seeds = [ev.seed * 1_000_003 + i for i in range(ev.num_images)]
+            gen = generate(
+                model, picked.anatomy, picked.style, seeds, sampler=ev.sampler, batch_size=ev.batch_size
             )
-            for key, f in feats.items()
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            generated = compute_distances(summ["gen"], summ["ref"], **kw)
-            floor = distance_floor(summ["train"], summ["ref"], n, **kw) if len(train_images) >= n else None
-        rows += distance_rows(
-            fd_name,
-            kd_name,
-            generated,
-            floor,
-            extractor=name if name == "inception" else f"{domain_kind} ({cfg.data.dataset})",
-        )
-        report_warnings += generated.warnings
-        if floor is None:
-            report_warnings.append(f"{fd_name} floor skipped: the train split has fewer than {n} images")
-        if name == "domain":
-            domain_feats = feats
-    mem, gen_nn, test_nn = memorisation_share(
-        domain_feats["gen"], domain_feats["train"], domain_feats["ref"], percentile=ev.memorisation_percentile
-    )
+            gen_images, gen_masks = gen.images, gen.masks
+            adherence = anatomy_adherence(
+                gen_masks, picked.attributes, vocabulary=prompt_vocabulary(cfg.data.dataset)
+            )
+            scalars.update(adherence)
+        else:
+            gen_images = load_image_folder(Path(ev.generated_dir), limit=ev.num_images)
+        n = gen_images.shape[0]
 
-    # -- controllability and downstream ---------------------------------------------------------
-    figures = []
-    control_on = ev.controllability.enabled == "on" or (
-        ev.controllability.enabled == "auto" and cfg.data.dataset == "synthderm"
-    )
-    if control_on and model is None:
-        report_warnings.append("controllability needs a model version (not a folder of images); skipped")
-    elif control_on:
-        if cfg.data.dataset != "synthderm":
-            raise ConfigError(
-                "evaluate.controllability needs SynthDerm (the only dataset with known factors); set it to auto or off"
-            )
-        print("[evaluate] judges ...", flush=True)
-        cc = ev.controllability
-        judges = train_judges(
-            cfg.records_dir,
-            storage / "nets",
-            preset=cc.judge_net,
-            resolution=cfg.data.resolution,
-            train=cc.judge_train,
-            seed=cfg.seed,
-            scaling=ev.scaling,
+        # -- distances ------------------------------------------------------------------------------
+        print(
+            f"[evaluate] distances of {n} generated images to the real {ev.reference_split} split ...",
+            flush=True,
         )
-        weak = {
-            h.name: judges.metrics.get(f"acc_{h.name}")
-            for h in judges.heads
-            if judges.metrics.get(f"acc_{h.name}", 0) < cc.judge_target
-        }
-        if weak:
-            report_warnings.append(
-                "judges below the target accuracy on real validation images ("
-                + ", ".join(f"{k} {v:.2f}" for k, v in weak.items())
-                + f" < {cc.judge_target}): their controllability numbers are bounded by that"
+        reference = _split_uint8(cfg.records_dir, ev.reference_split)
+        train_images = _split_uint8(cfg.records_dir, "train")
+        fc = ev.fidelity
+        kw = {"kid_subsets": fc.kid_subsets, "kid_subset_size": fc.kid_subset_size, "seed": fc.seed}
+        rows = []
+        extractors = [("domain", create_domain_extractor(domain.net), *domain_metric_names(cfg.data.dataset))]
+        if fid_warning is None and fc.fid != "off":
+            extractors.append(
+                ("inception", create_inception_extractor(fc.feature_extractor_weights_path), "FID", "KID")
             )
-        val_rows = prompt_rows(cfg.records_dir, "val")
-        control = measure_controllability(
-            model,
-            judges,
-            val_rows,
-            num=cc.num_prompts,
-            seed=ev.seed,
-            sampler=ev.sampler,
-            batch_size=ev.batch_size,
+        domain_feats: dict[str, torch.Tensor] = {}
+        for name, extractor, fd_name, kd_name in extractors:
+            # Features once per set: the summaries (distances) and, for the domain net, memorisation use them.
+            feats = {
+                key: extract_features(
+                    extractor, imgs, batch_size=fc.batch_size, desc=f"{name} features, {what}"
+                )
+                for key, what, imgs in (
+                    ("gen", "generated", gen_images),
+                    ("ref", f"real {ev.reference_split}", reference),
+                    ("train", "real train", train_images),
+                )
+            }
+            summ = {
+                key: FeatureSummary.empty(f.shape[1], max(fc.reservoir_size, n), fc.seed).update(
+                    f, list(range(len(f)))
+                )
+                for key, f in feats.items()
+            }
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                generated = compute_distances(summ["gen"], summ["ref"], **kw)
+                floor = (
+                    distance_floor(summ["train"], summ["ref"], n, **kw) if len(train_images) >= n else None
+                )
+            rows += distance_rows(
+                fd_name,
+                kd_name,
+                generated,
+                floor,
+                extractor=name if name == "inception" else f"{domain_kind} ({cfg.data.dataset})",
+            )
+            report_warnings += generated.warnings
+            if floor is None:
+                report_warnings.append(f"{fd_name} floor skipped: the train split has fewer than {n} images")
+            if name == "domain":
+                domain_feats = feats
+        print("[evaluate] memorisation (nearest training images in domain features) ...", flush=True)
+        mem, gen_nn, test_nn = memorisation_share(
+            domain_feats["gen"],
+            domain_feats["train"],
+            domain_feats["ref"],
+            percentile=ev.memorisation_percentile,
         )
-        scalars.update(control.scalars())
-        tables["Controllability (share of images showing the requested factor)"] = control.rows()
-        figures.append(plot_confusions(control, out_dir / "confusion.png"))
-    if ev.downstream.enabled and model is None:
-        report_warnings.append("the downstream benchmark needs a model version; skipped")
-    elif ev.downstream.enabled:
-        print("[evaluate] downstream benchmark ...", flush=True)
-        down = run_downstream(
-            ev.downstream,
-            model,
-            cfg.records_dir,
-            storage / "downstream",
+
+        # -- controllability and downstream ---------------------------------------------------------
+        figures = []
+        control_on = ev.controllability.enabled == "on" or (
+            ev.controllability.enabled == "auto" and cfg.data.dataset == "synthderm"
+        )
+        if control_on and model is None:
+            report_warnings.append("controllability needs a model version (not a folder of images); skipped")
+        elif control_on:
+            if cfg.data.dataset != "synthderm":
+                raise ConfigError(
+                    "evaluate.controllability needs SynthDerm (the only dataset with known factors); set it to auto or off"
+                )
+            print("[evaluate] judges ...", flush=True)
+            cc = ev.controllability
+            judges = train_judges(
+                cfg.records_dir,
+                storage / "nets",
+                preset=cc.judge_net,
+                resolution=cfg.data.resolution,
+                train=cc.judge_train,
+                seed=cfg.seed,
+                scaling=ev.scaling,
+            )
+            weak = {
+                h.name: judges.metrics.get(f"acc_{h.name}")
+                for h in judges.heads
+                if judges.metrics.get(f"acc_{h.name}", 0) < cc.judge_target
+            }
+            if weak:
+                report_warnings.append(
+                    "judges below the target accuracy on real validation images ("
+                    + ", ".join(f"{k} {v:.2f}" for k, v in weak.items())
+                    + f" < {cc.judge_target}): their controllability numbers are bounded by that"
+                )
+            val_rows = prompt_rows(cfg.records_dir, "val")
+            control = measure_controllability(
+                model,
+                judges,
+                val_rows,
+                num=cc.num_prompts,
+                seed=ev.seed,
+                sampler=ev.sampler,
+                batch_size=ev.batch_size,
+            )
+            scalars.update(control.scalars())
+            tables["Controllability (share of images showing the requested factor)"] = control.rows()
+            figures.append(plot_confusions(control, out_dir / "confusion.png"))
+        if ev.downstream.enabled and model is None:
+            report_warnings.append("the downstream benchmark needs a model version; skipped")
+        elif ev.downstream.enabled:
+            print("[evaluate] downstream benchmark ...", flush=True)
+            down = run_downstream(
+                ev.downstream,
+                model,
+                cfg.records_dir,
+                storage / "downstream",
+                dataset=cfg.data.dataset,
+                origin=tag,
+                seed=ev.seed,
+                resolution=cfg.data.resolution,
+                sampler=ev.sampler,
+                batch_size=ev.batch_size,
+            )
+            scalars.update(down.scalars())
+            scalars["downstream/seconds"] = down.seconds
+            tables[f"Downstream {down.task} (real test split; mean over seeds, std, gain over real only)"] = (
+                down.summary()
+            )
+            tables["Downstream runs"] = down.runs
+
+        report = EvaluationReport(
+            title=f"Evaluation of {tag}",
             dataset=cfg.data.dataset,
-            origin=tag,
-            seed=ev.seed,
-            resolution=cfg.data.resolution,
-            sampler=ev.sampler,
-            batch_size=ev.batch_size,
+            distances=rows,
+            model_version=str(version_dir) if version_dir else None,
+            memorisation=mem,
+            scalars=scalars,
+            warnings=report_warnings,
+            tables=tables,
+            generated_nearest=gen_nn,
+            test_nearest=test_nn,
         )
-        scalars.update(down.scalars())
-        scalars["downstream/seconds"] = down.seconds
-        tables[f"Downstream {down.task} (real test split; mean over seeds, std, gain over real only)"] = (
-            down.summary()
-        )
-        tables["Downstream runs"] = down.runs
+        paths = write_report(report, out_dir)
+        for f in figures:
+            paths[f.stem + "_png"] = f
+        if model is not None:
+            from vgmedgen.platform.images import provenance_fields
+            from vgmedgen.platform.visualize import save_grid
 
-    report = EvaluationReport(
-        title=f"Evaluation of {tag}",
-        dataset=cfg.data.dataset,
-        distances=rows,
-        model_version=str(version_dir) if version_dir else None,
-        memorisation=mem,
-        scalars=scalars,
-        warnings=report_warnings,
-        tables=tables,
-        generated_nearest=gen_nn,
-        test_nearest=test_nn,
-    )
-    paths = write_report(report, out_dir)
-    for f in figures:
-        paths[f.stem + "_png"] = f
-    if model is not None:
-        from vgmedgen.platform.images import provenance_fields
-        from vgmedgen.platform.visualize import save_grid
-
-        shown = provenance_fields(
-            model_version=model_ref.id if model_ref is not None else None,
-            kind="evaluation samples",
-            seeds=seeds[:32],
-            anatomy_prompts=list(picked.anatomy[:32]),
-            style_prompts=list(picked.style[:32]),
-            sampler=(ev.sampler or model.config.sampler).model_dump(),
-        )
-        paths["samples_png"] = save_grid(
-            gen_images[:32].float() / 255.0, out_dir / "samples.png", ncol=8, provenance=shown
-        )
-    metrics = dict(scalars)
-    for r in rows:
-        metrics[f"eval/{r.metric}"] = r.value
-        metrics[f"eval/{r.metric}_floor"] = r.floor
-    metrics["eval/memorisation_share"] = mem.share
-    metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
-    card = None
-    if version_dir is not None:
-        card = record_measurements(
-            version_dir,
-            "evaluation",
-            metrics,
-            dataset=cfg.data.dataset,
-            records=cfg.data.records_name,
-            split=ev.reference_split,
-            source=f"jobs/evaluate.py: {n} generated images (evaluate.seed {ev.seed}) against the real "
-            f"{ev.reference_split} split",
-            files={"report": str(paths["markdown"])},
-        )
-        paths["model_card"] = card
-    if tracker is not None:
-        if card is not None and run_id is not None:
-            tracker.log_artifact(run_id, card, "model_version")  # the registered copy's card
-        if run_id is None:
-            run_id = tracker.run(
-                key=f"{cfg.name}-evaluate-{tag}", name=f"{cfg.name}-evaluate", tags={"job": "evaluate"}
+            shown = provenance_fields(
+                model_version=model_ref.id if model_ref is not None else None,
+                kind="evaluation samples",
+                seeds=seeds[:32],
+                anatomy_prompts=list(picked.anatomy[:32]),
+                style_prompts=list(picked.style[:32]),
+                sampler=(ev.sampler or model.config.sampler).model_dump(),
             )
-        tracker.sink(run_id)([(0, metrics)])
-        tracker.log_artifacts(run_id, out_dir, "evaluation")
+            paths["samples_png"] = save_grid(
+                gen_images[:32].float() / 255.0, out_dir / "samples.png", ncol=8, provenance=shown
+            )
+        metrics = dict(scalars)
+        for r in rows:
+            metrics[f"eval/{r.metric}"] = r.value
+            metrics[f"eval/{r.metric}_floor"] = r.floor
+        metrics["eval/memorisation_share"] = mem.share
+        metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
+        card = None
+        if version_dir is not None:
+            card = record_measurements(
+                version_dir,
+                "evaluation",
+                metrics,
+                dataset=cfg.data.dataset,
+                records=cfg.data.records_name,
+                split=ev.reference_split,
+                source=f"jobs/evaluate.py: {n} generated images (evaluate.seed {ev.seed}) against the real "
+                f"{ev.reference_split} split",
+                files={"report": str(paths["markdown"])},
+            )
+            paths["model_card"] = card
+        if tracker is not None:
+            if card is not None and model_ref is not None and model_ref.run_id is not None:
+                tracker.log_artifact(run_id, card, "model_version")  # the registered copy's card
+            print(f"[evaluate] logging to MLflow run {run_id} ...", flush=True)
+            tracker.sink(run_id)([(0, metrics)])
+            tracker.log_artifacts(run_id, out_dir, "evaluation")
     return EvaluationOutcome(report, paths, out_dir, run_id, time.perf_counter() - t0)

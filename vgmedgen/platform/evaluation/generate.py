@@ -118,12 +118,14 @@ def generate(
             f"got {len(anatomy)} anatomy prompts, {len(style)} style prompts and {len(seeds)} seeds"
         )
     images, masks = [], []
-    for start in tqdm(range(0, len(seeds), batch_size), desc=desc, unit="batch"):
-        sl = slice(start, start + batch_size)
-        cond = model.conditions_from_prompts(list(anatomy[sl]), list(style[sl]))
-        img, m = model.generate(cond, list(seeds[sl]), sampler=sampler)
-        images.append((img.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-        masks.append(m.float().cpu())
+    with tqdm(total=len(seeds), desc=desc, unit="image") as bar:
+        for start in range(0, len(seeds), batch_size):
+            sl = slice(start, start + batch_size)
+            cond = model.conditions_from_prompts(list(anatomy[sl]), list(style[sl]))
+            img, m = model.generate(cond, list(seeds[sl]), sampler=sampler)
+            images.append((img.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            masks.append(m.float().cpu())
+            bar.update(img.shape[0])
     return GeneratedSet(torch.cat(images), torch.cat(masks), list(anatomy), list(style), list(seeds))
 
 
@@ -136,7 +138,7 @@ def load_image_folder(folder: Path, limit: int | None = None) -> torch.Tensor:
     if not files:
         raise FileNotFoundError(f"evaluate.generated_dir {folder} holds no .png/.jpg files")
     arrays = []
-    for p in files:
+    for p in tqdm(files, desc=f"reading {folder.name}", unit="image"):
         try:
             arrays.append(decode_png(p.read_bytes()))
         except Exception as exc:  # PIL raises several types for a broken file

@@ -28,6 +28,7 @@ import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from tqdm.auto import tqdm
 
 from vgmedgen.model.domain_nets import DomainNet, load_domain_net
 from vgmedgen.platform.evaluation.config import INCEPTION_WEIGHTS_FILE, FidelityConfig
@@ -349,12 +350,43 @@ def _features_of(extractor: FeatureExtractorBase, batch: torch.Tensor, device: t
     return out[0].detach().to("cpu", torch.float32)  # (n, D)
 
 
+def _count(images: Images) -> int | None:
+    """How many images, when known up front (a tensor/array, or a sequence of them); None for a stream."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        return int(images.shape[0])
+    if isinstance(images, Sequence):
+        return sum(int(block.shape[0]) for block in images)
+    return None
+
+
+def _progress_batches(images: Images, batch_size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+    """:func:`_batches` with a progress bar counting images (on stderr: the terminal, and the job log
+    under ``ray job submit``). Inception on a CPU takes seconds per batch, minutes per set."""
+    with tqdm(total=_count(images), desc=desc, unit="image", disable=not progress) as bar:
+        for batch in _batches(images, batch_size):
+            yield batch
+            bar.update(batch.shape[0])
+
+
 def extract_features(
-    extractor: FeatureExtractorBase, images: Images, *, batch_size: int = 64
+    extractor: FeatureExtractorBase,
+    images: Images,
+    *,
+    batch_size: int = 64,
+    desc: str = "features",
+    progress: bool = True,
 ) -> torch.Tensor:
-    """All features (N, D) float32 on CPU, extracted in batches on the extractor's device (for KD, memorisation)."""
+    """All features (N, D) float32 on CPU, extracted in batches on the extractor's device (for KD, memorisation).
+
+    Args:
+        desc: the progress bar's label (e.g. which extractor and which set).
+        progress: show the progress bar; turn it off inside Ray tasks and actors, where a bar's
+            carriage returns are noise in the logs.
+    """
     dev = next(extractor.parameters()).device
-    feats = [_features_of(extractor, batch, dev) for batch in _batches(images, batch_size)]
+    feats = [
+        _features_of(extractor, batch, dev) for batch in _progress_batches(images, batch_size, desc, progress)
+    ]
     if not feats:
         raise MetricsError("no images were given to extract features from")
     return torch.cat(feats)
@@ -368,18 +400,21 @@ def summarise_images(
     batch_size: int = 64,
     reservoir_size: int = 10_000,
     seed: int = 2020,
+    desc: str = "features",
+    progress: bool = True,
 ) -> FeatureSummary:
     """Extract features batch by batch into a :class:`FeatureSummary` (exact moments + seeded sample).
 
     Features are folded into the statistics batch by batch, so memory is bounded by one batch plus
     the reservoir (``reservoir_size`` rows), however large the set. Images go to the extractor's
     device. Shards of one set must use globally unique ``row_ids`` (record ids); None numbers rows
-    0..N-1, fine for a set that is not split into shards.
+    0..N-1, fine for a set that is not split into shards. ``desc`` and ``progress`` as in
+    :func:`extract_features`.
     """
     dev = next(extractor.parameters()).device
     summary: FeatureSummary | None = None
     offset = 0
-    for batch in _batches(images, batch_size):
+    for batch in _progress_batches(images, batch_size, desc, progress):
         feats = _features_of(extractor, batch, dev)  # (n, D)
         if summary is None:
             summary = FeatureSummary.empty(feats.shape[1], reservoir_size, seed)

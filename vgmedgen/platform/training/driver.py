@@ -108,7 +108,7 @@ def train_experiment(
     """
     from vgmedgen.platform.cluster import connect
     from vgmedgen.platform.prepare import prepare_records
-    from vgmedgen.platform.tracking import Tracker, resolve_model
+    from vgmedgen.platform.tracking import Tracker, open_run, resolve_model
 
     t0 = time.perf_counter()
     cfg.check_trainable()
@@ -123,43 +123,44 @@ def train_experiment(
         parts.update(_parts_from(resolve_model(cfg.train.init_from, cfg, tracker=tracker).path))
     parts["text_encoder"] = ensure_text_encoder(cfg)
     # The job's MLflow parent run: one per config (scaling included: it is part of every stage's identity).
+    # It ends FINISHED with the job, KILLED if the job is interrupted, FAILED if it raises; a resubmitted
+    # job reopens it.
     key = job_key(cfg)
-    parent = None
-    if tracker is not None:
-        if fresh:  # retrained stages make a new model version: give it a new parent run to be logged under
-            tracker.retire(key, f"{key}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        parent = tracker.run(key=key, name=f"{cfg.name}-train", tags={"job": "train"})
-        tracker.log_params(parent, cfg.model_dump(mode="json", exclude={"evaluate"}))
-    results = []
-    for stage in cfg.train.stages:
-        inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}
-        if stage == "align":
-            inputs["text_encoder"] = parts["text_encoder"]
-        inputs = {k: v for k, v in inputs.items() if stage != "visual"}
-        res = run_stage(cfg, stage, inputs, tracker=tracker, parent_run_id=parent, fresh=fresh)
-        parts[PARTS[stage]] = res.export_dir
-        results.append(res)
+    if tracker is not None and fresh:  # retrained stages make a new model version: a new parent run for it
+        tracker.retire(key, f"{key}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    with open_run(tracker, key=key, name=f"{cfg.name}-train", tags={"job": "train"}) as parent:
+        if tracker is not None:
+            tracker.log_params(parent, cfg.model_dump(mode="json", exclude={"evaluate"}))
+        results = []
+        for stage in cfg.train.stages:
+            inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}
+            if stage == "align":
+                inputs["text_encoder"] = parts["text_encoder"]
+            inputs = {k: v for k, v in inputs.items() if stage != "visual"}
+            res = run_stage(cfg, stage, inputs, tracker=tracker, parent_run_id=parent, fresh=fresh)
+            parts[PARTS[stage]] = res.export_dir
+            results.append(res)
 
-    missing = [p for p in ("visual", "text", "generator") if p not in parts]
-    if missing:
-        raise FileNotFoundError(f"No {', '.join(missing)} part: run those stages or set train.init_from")
-    version_dir = assemble_version(cfg, parts)
-    version = version_dir.name
-    card = write_model_card(version_dir, cfg, results, train_run_id=parent)
-    summary = TrainSummary(version_dir, results, time.perf_counter() - t0, parent)
-    if tracker is not None:
-        summary.tracking_uri = tracker.uri
-        client = tracker.client
-        client.set_tag(parent, "model_version", version)  # the evaluate job finds this run by it
-        logged = {a.path for a in client.list_artifacts(parent)}
-        if "model_version" not in logged:
-            tracker.log_artifacts(parent, version_dir, "model_version")
-        summary.registered = (
-            f"{tracker.model_name} v{tracker.register(parent, 'model_version')} @{cfg.tracking.alias}"
-        )
-        # The card names its registry entry; the registered copy gets the card too (it is outside the
-        # manifest, so the registered version's files and id are unchanged).
-        write_model_card(version_dir, cfg, results, train_run_id=parent, registered=summary.registered)
-        tracker.log_artifact(parent, card, "model_version")
-        tracker.finish(parent)
+        missing = [p for p in ("visual", "text", "generator") if p not in parts]
+        if missing:
+            raise FileNotFoundError(f"No {', '.join(missing)} part: run those stages or set train.init_from")
+        version_dir = assemble_version(cfg, parts)
+        version = version_dir.name
+        card = write_model_card(version_dir, cfg, results, train_run_id=parent)
+        summary = TrainSummary(version_dir, results, time.perf_counter() - t0, parent)
+        if tracker is not None:
+            summary.tracking_uri = tracker.uri
+            client = tracker.client
+            client.set_tag(parent, "model_version", version)  # the evaluate job finds this run by it
+            logged = {a.path for a in client.list_artifacts(parent)}
+            if "model_version" not in logged:
+                print(f"[train] logging model version {version} to MLflow ...", flush=True)
+                tracker.log_artifacts(parent, version_dir, "model_version")
+            summary.registered = (
+                f"{tracker.model_name} v{tracker.register(parent, 'model_version')} @{cfg.tracking.alias}"
+            )
+            # The card names its registry entry; the registered copy gets the card too (it is outside the
+            # manifest, so the registered version's files and id are unchanged).
+            write_model_card(version_dir, cfg, results, train_run_id=parent, registered=summary.registered)
+            tracker.log_artifact(parent, card, "model_version")
     return summary

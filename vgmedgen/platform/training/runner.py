@@ -66,7 +66,7 @@ def run_stage(
         parent_run_id: the job's MLflow parent run.
         fresh: move an existing run of the same name aside and start anew.
     """
-    from vgmedgen.platform.training.trainer import build_trainer
+    from vgmedgen.platform.tracking import open_run
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
@@ -88,22 +88,35 @@ def run_stage(
         if tracker is not None:
             tracker.retire(name, aside.name)  # the new run gets its own MLflow run and metric history
     export_dir = run_dir / "export" / PARTS[stage]
-    stage_cfg = getattr(cfg.train, stage)
-    mlflow_run = None
-    if tracker is not None:
-        mlflow_run = tracker.run(
-            key=name,
-            name=f"{stage}",
-            parent_id=parent_run_id,
-            tags={"stage": stage, "config_hash": name.rsplit("-", 1)[1]},
-        )
     done = read_done(run_dir)
     if done is not None:
         print(
             f"[{stage}] finished earlier as run {name}; nothing to train (use --fresh to retrain)", flush=True
         )
-        return StageResult(stage, name, export_dir, False, done.get("metrics", {}), mlflow_run)
+        found = tracker.find_run(name) if tracker is not None else None  # left as it ended
+        return StageResult(stage, name, export_dir, False, done.get("metrics", {}), found)
+    tags = {"stage": stage, "config_hash": name.rsplit("-", 1)[1]}
+    # The stage's run ends with the stage: FINISHED, KILLED (interrupted) or FAILED; a resumed stage reopens it.
+    with open_run(tracker, key=name, name=stage, parent_id=parent_run_id, tags=tags) as mlflow_run:
+        metrics = _train_stage(cfg, stage, inputs, name, run_dir, export_dir, tracker, mlflow_run)
+    return StageResult(stage, name, export_dir, True, metrics, mlflow_run)
 
+
+def _train_stage(
+    cfg: ExperimentConfig,
+    stage: str,
+    inputs: dict[str, Path],
+    name: str,
+    run_dir: Path,
+    export_dir: Path,
+    tracker: Any,
+    mlflow_run: str | None,
+) -> dict[str, float]:
+    """Fit the stage's TorchTrainer (resuming from its latest checkpoint), mark it done, log its export."""
+    from vgmedgen.platform.training.trainer import build_trainer
+
+    stage_cfg = getattr(cfg.train, stage)
+    storage = run_dir.parent
     if tracker is not None:
         tracker.log_params(mlflow_run, {"stage": stage, **stage_identity(cfg, stage, inputs)})
     spec = {
@@ -169,6 +182,14 @@ def run_stage(
             }
     run_dir.mkdir(parents=True, exist_ok=True)
     kept = _remove_orphaned_checkpoints(run_dir, result)
+    if tracker is not None:  # before the done-marker: a stage found done has its export in its run
+        tracker.log_artifacts(mlflow_run, export_dir, f"export/{PARTS[stage]}")
+        if best:
+            tracker.client.set_tag(
+                mlflow_run,
+                "best_checkpoint",
+                f"{best['path']} (step {best['step']}, {score_key}={best[score_key]})",
+            )
     write_done(
         run_dir,
         {
@@ -178,16 +199,7 @@ def run_stage(
             "seconds": time.perf_counter() - t0,
         },
     )
-    if tracker is not None:
-        tracker.log_artifacts(mlflow_run, export_dir, f"export/{PARTS[stage]}")
-        if best:
-            tracker.client.set_tag(
-                mlflow_run,
-                "best_checkpoint",
-                f"{best['path']} (step {best['step']}, {score_key}={best[score_key]})",
-            )
-        tracker.finish(mlflow_run)
-    return StageResult(stage, name, export_dir, True, metrics, mlflow_run)
+    return metrics
 
 
 def _remove_orphaned_checkpoints(run_dir: Path, result: Any) -> list[str]:

@@ -1,0 +1,90 @@
+"""MLflow runs end by how the job ends: FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM (sqlite store)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from vgmedgen.platform.cli import Terminated, run_job
+from vgmedgen.platform.tracking import Tracker, TrackingConfig, open_run
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory: pytest.TempPathFactory) -> Tracker:
+    # one sqlite store for the module (creating one costs seconds); every test uses its own run keys
+    return Tracker(TrackingConfig(), tmp_path_factory.mktemp("mlflow"), "runs-test")
+
+
+def _status(tracker: Tracker, run_id: str) -> str:
+    return tracker.client.get_run(run_id).info.status
+
+
+def test_a_block_that_completes_raises_or_is_interrupted_ends_its_run_so(tracker: Tracker) -> None:
+    with tracker.open_run(key="ok", name="ok") as ok:
+        assert _status(tracker, ok) == "RUNNING"
+    assert _status(tracker, ok) == "FINISHED"
+
+    with pytest.raises(ValueError, match="broken"), tracker.open_run(key="bad", name="bad") as bad:
+        raise ValueError("broken")
+    assert _status(tracker, bad) == "FAILED"
+
+    with pytest.raises(KeyboardInterrupt), tracker.open_run(key="ctrl-c", name="ctrl-c") as killed:
+        raise KeyboardInterrupt
+    assert _status(tracker, killed) == "KILLED"
+
+    # a nested (stage) run inside an interrupted parent: both end KILLED, the child with its parent id
+    with pytest.raises(KeyboardInterrupt), tracker.open_run(key="parent", name="parent") as parent:
+        with tracker.open_run(key="child", name="child", parent_id=parent) as child:
+            raise KeyboardInterrupt
+    assert _status(tracker, parent) == _status(tracker, child) == "KILLED"
+    assert tracker.client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_a_resubmitted_job_reopens_its_interrupted_run_and_finishes_it(tracker: Tracker) -> None:
+    with pytest.raises(KeyboardInterrupt), tracker.open_run(key="job", name="job") as first:
+        tracker.sink(first)([(0, {"loss": 1.0})])
+        raise KeyboardInterrupt
+    assert _status(tracker, first) == "KILLED"
+    assert tracker.find_run("job") == first and _status(tracker, first) == "KILLED"  # finding changes nothing
+    with tracker.open_run(key="job", name="job") as again:
+        assert again == first and _status(tracker, again) == "RUNNING"
+        tracker.sink(again)([(0, {"loss": 1.0}), (1, {"loss": 0.5})])
+    assert _status(tracker, first) == "FINISHED"
+    assert [m.step for m in tracker.client.get_metric_history(first, "loss")] == [0, 1]
+    assert tracker.find_run("never-opened") is None
+
+
+def test_without_tracking_the_block_runs_with_no_run() -> None:
+    with open_run(None, key="k", name="n") as run_id:
+        assert run_id is None
+
+
+def test_sigterm_ends_the_jobs_run_killed_and_exits_143(tracker: Tracker, capsys) -> None:
+    opened: list[str] = []
+
+    def main(argv):
+        with tracker.open_run(key="terminated", name="terminated") as run_id:
+            opened.append(run_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop`, Kubernetes and `kill` send
+            time.sleep(10)  # interrupted at once by the handler run_job installs
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert run_job(main, []) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 5
+    assert _status(tracker, opened[0]) == "KILLED"
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the job's handler does not outlive the job
+
+    def ctrl_c(argv):
+        with tracker.open_run(key="interrupted", name="interrupted") as run_id:
+            opened.append(run_id)
+            raise KeyboardInterrupt
+
+    assert run_job(ctrl_c, []) == 128 + signal.SIGINT
+    assert _status(tracker, opened[1]) == "KILLED"
+    assert isinstance(Terminated(), KeyboardInterrupt)
