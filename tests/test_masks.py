@@ -57,7 +57,7 @@ def test_otsu_finds_synthderm_lesions() -> None:
         truth = decode_png(rec["mask"], "L") > 127
         found = otsu_lesion_mask(decode_png(rec["image"]))
         dice.append(_dice(found if found is not None else np.zeros_like(truth), truth))
-    # Measured: mean 0.88, median 0.95 (a plain Otsu threshold of lightness: about 0.72 on SynthDerm).
+    # Measured: mean 0.87, median 0.94 (a plain Otsu threshold of lightness: about 0.72 on SynthDerm).
     assert np.mean(dice) > 0.85 and np.median(dice) > 0.9
 
 

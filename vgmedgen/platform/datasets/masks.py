@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from skimage import color, filters, measure, morphology
+from skimage import color, filters, measure, morphology, transform
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.records import SPLITS, read_records
@@ -101,13 +101,14 @@ def otsu_lesion_mask(image: np.ndarray) -> np.ndarray | None:
     """A lesion mask of a dermoscopy-like image by classical segmentation, or None when none is found.
 
     The usual unsupervised dermoscopy baseline (Otsu thresholding plus morphology and the largest
-    component), made robust to the two things that defeat a plain threshold of lightness:
+    component), made robust to what defeats a plain threshold of lightness: the dermatoscope's dark
+    aperture, vignetting, and pink or low-contrast lesions.
 
     1. Colour in CIELAB, smoothed (Gaussian, sigma = side/128) against noise and hair.
     2. Field of view: near-black pixels (L* < 15) connected to the border are the dermatoscope's dark
        aperture and are left out.
     3. Illumination: L* minus its heavy blur over the field of view (sigma = side/4, normalised
-       convolution), so vignetting falloff does not pass for a lesion.
+       convolution on a grid of about 64 px), so vignetting falloff does not pass for a lesion.
     4. Feature: the colour distance (Delta E 1976) to the field of view's median colour, i.e. to the
        skin, which covers most of the image. Lesions darker, redder (pink) or bluer than the skin
        all stand out; a threshold of lightness alone misses pink and low-contrast lesions.
@@ -116,10 +117,12 @@ def otsu_lesion_mask(image: np.ndarray) -> np.ndarray | None:
     6. The largest component, preferring those that do not reach into an image corner (a corner
        blob is left-over vignetting), unless it covers most of the image.
 
-    Measured on SynthDerm (its true masks known): mean Dice 0.89 at 64 px and 0.88 at 128 px over
-    its first 100 images (seed 0), with hair, rulers, bubbles and vignetting among them; small
-    satellites of a lesion are dropped by design (largest component). A baseline for dermoscopy:
-    check its masks before using it on another modality.
+    Measured on SynthDerm (its true masks known), seed 0: mean Dice 0.88 (median 0.95) at 64 and at
+    128 px over its first 100 images, 0.86 at 256 px over its first 30, with hair, rulers, bubbles and
+    vignetting among them (a plain Otsu threshold of lightness: about 0.72); small satellites of a
+    lesion are dropped by design (largest component). About 3 ms an image at 64 px, 30 at 256, 160
+    at 512 on one CPU core. A baseline for dermoscopy: check its masks before using it on another
+    modality.
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -143,11 +146,14 @@ def otsu_lesion_mask(image: np.ndarray) -> np.ndarray | None:
     if fov.sum() < 16:
         return None
 
-    # Flatten illumination inside the field of view (normalised convolution ignores the aperture).
-    big = side / 4
-    shade = filters.gaussian(np.where(fov, lightness, 0.0), sigma=big) / np.maximum(
-        filters.gaussian(fov.astype(np.float64), sigma=big), 1e-6
-    )
+    # Flatten illumination inside the field of view (normalised convolution ignores the aperture). The
+    # shading is smooth, so it is estimated on a grid of about 64 px a side and interpolated back up.
+    f = max(1, side // 64)
+    num = transform.downscale_local_mean(np.where(fov, lightness, 0.0), (f, f))
+    den = transform.downscale_local_mean(fov.astype(np.float64), (f, f))
+    big = side / 4 / f
+    shade = filters.gaussian(num, sigma=big) / np.maximum(filters.gaussian(den, sigma=big), 1e-6)
+    shade = transform.resize(shade, (h, w), order=1)  # (H, W)
     lab[..., 0] = lightness - shade + np.median(lightness[fov])
     skin = np.median(lab[fov], axis=0)  # (3,)
     distance = np.linalg.norm(lab - skin, axis=-1)  # (H, W)
@@ -155,7 +161,7 @@ def otsu_lesion_mask(image: np.ndarray) -> np.ndarray | None:
         return None  # a flat image: nothing to threshold
     fg = (distance > filters.threshold_otsu(distance[fov])) & fov
 
-    disc = morphology.disk(max(1, round(side / 64)))
+    disc = morphology.disk(max(1, round(side / 64)), decomposition="sequence")  # fast, nearly a disc
     fg = morphology.closing(morphology.opening(fg, disc), disc)
     fg = ndimage.binary_fill_holes(fg)
     labels = measure.label(fg)
