@@ -31,6 +31,8 @@ from vgmedgen.platform.datasets.synthderm import synthderm_record
 from vgmedgen.platform.records import decode_png, records_to_table
 from vgmedgen.platform.training.runner import check_visual_masks
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
@@ -158,3 +160,20 @@ def test_mask_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="min_mask_fraction"):
         load_experiment(None, ["train.min_mask_fraction=1.5"])
     assert load_experiment(None, []).train.min_mask_fraction == 0.5
+
+
+def test_mask_settings_in_identities() -> None:
+    """Automatic masks are other records (and other stage-1 runs); the minimum only guards, and the default
+    mask source leaves every earlier name as it was (pinned in test_train.py)."""
+    from vgmedgen.platform.runs import job_key, records_key, stage_run_name
+
+    base = load_experiment(REPO / "configs/tiny.yaml", ["output_root=/tmp/unused"])
+    auto = load_experiment(REPO / "configs/tiny.yaml", ["output_root=/tmp/unused", "data.mask_source=auto"])
+    guard = load_experiment(
+        REPO / "configs/tiny.yaml", ["output_root=/tmp/unused", "train.min_mask_fraction=0"]
+    )
+    assert records_key(auto.data) != records_key(base.data)
+    assert stage_run_name(auto, "visual", {}) != stage_run_name(base, "visual", {})
+    assert job_key(guard) == job_key(base) and stage_run_name(guard, "visual", {}) == stage_run_name(
+        base, "visual", {}
+    )
