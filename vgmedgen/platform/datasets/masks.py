@@ -302,7 +302,7 @@ def check_mask_supervision(
     raise MaskSupervisionError(
         f"The visual stage trains its segmentor on lesion masks, but only {have} of the {total} train records"
         f"{where} have one ({have / total:.0%}); train.min_mask_fraction={min_fraction:g} asks for at least {need}. "
-        f"Without masks, {MISSING_MASK_COST}. Fix it in one of three ways: "
+        f"What that costs: {MISSING_MASK_COST}. Fix it in one of three ways: "
         f"(1) add the masks: {MASK_HOWTO.get(dataset, MASK_HOWTO['csv'])}; "
         f"(2) set data.mask_source=auto to segment the images automatically at prepare time (Otsu threshold, "
         f"a dermoscopy baseline; the records say '{AUTO_MASK_SOURCE}' in attributes.mask_source); "
