@@ -154,3 +154,44 @@ def test_missing_dataset_dir_is_a_clear_error(ray_cluster, tmp_path: Path, outpu
     )
     err = capsys.readouterr().err
     assert code == 2 and "nowhere" in err and "Traceback" not in err
+
+
+def test_ham10000_without_masks_is_reported_refused_and_auto_masked(
+    ray_cluster, tmp_path: Path, output_root: Path, capsys, caplog
+):
+    """The new user's path: HAM10000 without its separate mask archive."""
+    from vgmedgen.platform.datasets.masks import AUTO_MASK_SOURCE, MaskSupervisionError
+    from vgmedgen.platform.training.driver import train_experiment
+
+    facts = make_ham10000_tree(tmp_path, masks=False)
+    args = [f"output_root={output_root}", "data.dataset=ham10000", f"data.root={facts.root}"]
+    args += ["data.resolution=16", "data.split.train=0.6", "data.split.val=0.2", "data.split.test=0.2"]
+    # 1. prepare says so: in its printed summary, as a logged warning, and in the manifest's summary.
+    with caplog.at_level("WARNING", logger="vgmedgen.platform.prepare"):
+        assert _job().main(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "Lesion masks: 0 of 6 records" in out
+        and "WARNING: 6 of 6 ham10000 records have no lesion mask" in out
+    )
+    assert "HAM10000_segmentations_lesion_tschandl" in out and "data.mask_source=auto" in out
+    assert any("have no lesion mask" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    manifest = json.loads((output_root / "records" / "ham10000-16" / "manifest.json").read_text())
+    masks = manifest["summary"]["masks"]
+    assert sum(c["none"] for c in masks.values()) == 6 and masks["train"]["none"] >= 1
+
+    # 2. the train job refuses stage 1 before any training, naming the count, the minimum and the options.
+    train_args = ["train.scaling.num_workers=0", "tracking.enabled=false"]
+    cfg = load_experiment(REPO / "configs/tiny.yaml", [*args, *train_args])
+    with pytest.raises(MaskSupervisionError, match=r"only 0 of the \d train records.*data\.mask_source=auto"):
+        train_experiment(cfg)
+    assert not (output_root / "runs").exists()
+
+    # 3. data.mask_source=auto: every record gets a labelled automatic mask and a prompt with size and position.
+    summary = prepare_records(load_experiment(None, [*args, "data.mask_source=auto"]))
+    assert not summary.reused and sum(c.get(AUTO_MASK_SOURCE, 0) for c in summary.masks.values()) == 6
+    table = read_records(summary.records_dir)
+    attrs = [json.loads(a) for a in table.column("attributes").to_pylist()]
+    assert all(m is not None for m in table.column("mask").to_pylist())
+    assert all(a["mask_source"] == AUTO_MASK_SOURCE for a in attrs)
+    assert all(a["size"] in text for a, text in zip(attrs, table.column("anatomy_text").to_pylist()))

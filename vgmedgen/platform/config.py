@@ -120,6 +120,13 @@ class PrepareConfig(StrictConfig):
         le=64,
         description="BUSI: images whose 64-bit perceptual hashes differ in at most this many bits share a group.",
     )
+    mask_source: Literal["dataset", "auto"] = Field(
+        "dataset",
+        description="dataset: lesion masks only from the dataset's own files (records without one get a null mask, "
+        "which the prepare job reports); auto: an image without a mask gets an automatic one (Otsu threshold of "
+        "its colour distance to the skin, morphology, largest component: a dermoscopy baseline), labelled "
+        "attributes.mask_source='auto:otsu' in its record, so its prompt states size and position.",
+    )
     strict: bool = Field(
         False, description="Fail on the first corrupt image or mask instead of skipping and counting it."
     )

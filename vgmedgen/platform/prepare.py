@@ -39,7 +39,7 @@ __all__ = ["PrepareError", "PrepareSummary", "prepare_records"]
 
 log = logging.getLogger(__name__)
 
-_META_COLUMNS = ("status", "id", "group", "label", "official_split", "phash", "path", "error")
+_META_COLUMNS = ("status", "id", "group", "label", "official_split", "phash", "mask_source", "path", "error")
 
 
 class PrepareError(RuntimeError):
@@ -48,7 +48,12 @@ class PrepareError(RuntimeError):
 
 @dataclass
 class PrepareSummary:
-    """What ``prepare`` wrote: counts per split and class, the skipped inputs and the time taken."""
+    """What ``prepare`` wrote: counts per split and class, lesion masks per split and source, the skipped
+    inputs and the time taken.
+
+    ``masks`` is :func:`vgmedgen.platform.datasets.masks.mask_census` of the records (split -> mask
+    source or ``"none"`` -> count); empty in summaries written before it existed.
+    """
 
     records_dir: str
     dataset: str
@@ -58,6 +63,8 @@ class PrepareSummary:
     seconds: float = 0.0
     reused: bool = False
     config_hash: str = ""
+    masks: dict[str, dict[str, int]] = field(default_factory=dict)
+    mask_source: str = "dataset"
 
     def table(self) -> str:
         """A plain-text table of counts per class (rows) and split (columns)."""
@@ -71,6 +78,22 @@ class PrepareSummary:
         totals = [sum(self.counts.get(s, {}).values()) for s in splits]
         lines.append(f"{'all':<{width}} " + " ".join(f"{n:>7}" for n in totals) + f" {sum(totals):>7}")
         return "\n".join(lines)
+
+    def mask_line(self) -> str:
+        """One line: records with a lesion mask, per split and by source."""
+        from vgmedgen.platform.datasets.masks import mask_line
+
+        return (
+            mask_line(self.masks)
+            if self.masks
+            else "Lesion masks: not counted (records from an older prepare)"
+        )
+
+    def mask_report(self) -> str | None:
+        """The warning about records without a mask (what it costs, where masks come from); None if all have one."""
+        from vgmedgen.platform.datasets.masks import mask_report
+
+        return mask_report(self.dataset, self.masks, self.mask_source) if self.masks else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +117,7 @@ def _chunk_records(payload: dict[str, Any], data: PrepareConfig) -> tuple[list[d
     for raw in payload["items"]:
         item = SourceItem.from_row(raw)
         try:
-            rec = process_item(item, data.resolution, data.resize)
+            rec = process_item(item, data.resolution, data.resize, data.mask_source)
         except CorruptInputError as exc:
             errors.append({"id": item.id, "path": item.source, "error": str(exc)})
             continue
@@ -104,6 +127,8 @@ def _chunk_records(payload: dict[str, Any], data: PrepareConfig) -> tuple[list[d
 
 def _process_chunk(batch: dict[str, Any], data_json: str, stage_dir: str) -> dict[str, list]:
     """Ray Data ``map_batches`` function (batch of one chunk row)."""
+    from vgmedgen.platform.datasets.masks import mask_sources_of
+
     data = PrepareConfig.model_validate_json(data_json)
     out: dict[str, list] = {k: [] for k in _META_COLUMNS}
     for chunk_index, payload_json in zip(batch["chunk"], batch["payload"]):
@@ -117,6 +142,7 @@ def _process_chunk(batch: dict[str, Any], data_json: str, stage_dir: str) -> dic
             out["label"].append(rec["label"])
             out["official_split"].append(official or "")
             out["phash"].append(str(attrs.get("phash", "")) if isinstance(attrs, dict) else "")
+            out["mask_source"].append(mask_sources_of([rec["mask"]], [attrs])[0] or "")
             out["path"].append(rec["source"])
             out["error"].append("")
             rec["split"] = "train"  # placeholder; the driver assigns the real split
@@ -127,6 +153,7 @@ def _process_chunk(batch: dict[str, Any], data_json: str, stage_dir: str) -> dic
             out["label"].append("")
             out["official_split"].append("")
             out["phash"].append("")
+            out["mask_source"].append("")
             out["path"].append(err["path"])
             out["error"].append(err["error"])
         if records:
@@ -184,6 +211,7 @@ def prepare_records(
     if manifest and manifest.get("config_hash") == chash:
         summary = PrepareSummary(**{**manifest["summary"], "reused": True})
         log.info("Records at %s already match this data config (hash %s); reusing them", dest, chash)
+        _warn_masks(summary)
         return summary
 
     t0 = time.perf_counter()
@@ -229,7 +257,16 @@ def prepare_records(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    _warn_masks(summary)
     return summary
+
+
+def _warn_masks(summary: PrepareSummary) -> None:
+    """Log the lesion-mask line, and the missing-mask report as a warning (every run, reused ones too)."""
+    log.info("%s", summary.mask_line())
+    report = summary.mask_report()
+    if report:
+        log.warning("%s", report)
 
 
 def _finalise(meta: list[dict], data: PrepareConfig, stage: Path, out_dir: Path) -> PrepareSummary:
@@ -285,12 +322,17 @@ def _finalise(meta: list[dict], data: PrepareConfig, stage: Path, out_dir: Path)
     for m in ok:
         counts[split_of[m["id"]]][m["label"]] += 1
     _check_groups(ids, groups, split_of)
+    from vgmedgen.platform.datasets.masks import mask_census
+
+    masks = mask_census([split_of[i] for i in ids], [m["mask_source"] or None for m in ok])
     return PrepareSummary(
         records_dir="",
         dataset=data.dataset,
         total=len(ok),
         counts={s: dict(sorted(c.items())) for s, c in counts.items()},
         skipped=skipped,
+        masks=masks,
+        mask_source=data.mask_source,
     )
 
 

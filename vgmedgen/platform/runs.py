@@ -63,6 +63,19 @@ _NOT_IDENTITY = ("log_every", "fail_at_step", "fail_mode", "sample_every")
 _MODEL_PARTS = {"visual": ("visual",), "align": ("visual", "text"), "dit": ("visual", "text", "generator")}
 # Sections of the experiment config that change no trained weight: out of the train job's key.
 _NOT_TRAINING = {"tracking", "evaluate", "adherence"}
+# Settings of the train section that only guard what may run (a refusal), never what it computes.
+_TRAIN_GUARDS = {"min_mask_fraction"}
+# Data settings added after run names were pinned, left out of every identity while at the default that
+# reproduces what ran before they existed, so adding one renames no one's records or runs.
+_DATA_NEUTRAL_DEFAULTS = {"mask_source": "dataset"}
+
+
+def _data_identity(data: Any) -> dict[str, Any]:
+    """The data section as it enters identities (records, stages, the job)."""
+    dump = data.model_dump(mode="json")
+    return {
+        k: v for k, v in dump.items() if k not in _DATA_NEUTRAL_DEFAULTS or v != _DATA_NEUTRAL_DEFAULTS[k]
+    }
 
 
 def dir_fingerprint(directory: Path) -> str:
@@ -105,7 +118,7 @@ def stage_identity(
     sc = cfg.train.scaling
     return {
         "stage": stage,
-        "data": cfg.data.model_dump(mode="json"),
+        "data": _data_identity(cfg.data),
         "model": {part: model[part] for part in _MODEL_PARTS[stage]},
         "train": {k: v for k, v in stage_cfg.items() if k not in _NOT_IDENTITY},
         "ingest": cfg.train.ingest,
@@ -131,7 +144,9 @@ def net_run_name(name: str, spec: Mapping[str, Any], records_dirs: Sequence[str 
 def job_key(cfg: ExperimentConfig) -> str:
     """The train job's MLflow parent-run key: the config without the sections that change no weight
     (scaling is in: it is part of every stage's identity)."""
-    return f"{cfg.name}-job-{stable_hash(cfg.model_dump(mode='json', exclude=_NOT_TRAINING), 12)}"
+    dump = cfg.model_dump(mode="json", exclude={**dict.fromkeys(_NOT_TRAINING, True), "train": _TRAIN_GUARDS})
+    dump["data"] = _data_identity(cfg.data)
+    return f"{cfg.name}-job-{stable_hash(dump, 12)}"
 
 
 def version_name(cfg: ExperimentConfig, parts: Mapping[str, Path]) -> str:
@@ -157,7 +172,7 @@ def encoder_name(cfg: ExperimentConfig, words: Sequence[str]) -> str:
 
 def records_key(data: Any) -> str:
     """A hash of everything that determines the records (the data section of the config)."""
-    return stable_hash(data.model_dump(mode="json"), 16)
+    return stable_hash(_data_identity(data), 16)
 
 
 def subset_name(records_dir: str | Path, per_class: int, seed: int) -> str:

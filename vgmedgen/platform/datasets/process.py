@@ -3,8 +3,9 @@
 :func:`process_item` decodes an item's image and masks, resizes both with the same geometry,
 measures anatomy and style (:mod:`vgmedgen.platform.datasets.measure`), writes the prompts, and returns
 a dict with every :data:`vgmedgen.platform.records.RECORD_SCHEMA` column except ``split``
-(the prepare job assigns splits by group). It is a pure function of the item and the two
-settings, so the prepare job can map it over items in parallel.
+(the prepare job assigns splits by group). It is a pure function of the item and the
+settings, so the prepare job can map it over items in parallel. With ``mask_source="auto"`` an item
+without a mask gets an automatic one (:mod:`vgmedgen.platform.datasets.masks`).
 
 Perceptual hashes (:func:`perceptual_hash`, stored as ``attributes["phash"]``) let the prepare
 job group near-duplicates (:func:`group_near_duplicates`; BUSI has about 235) before splitting.
@@ -23,7 +24,7 @@ from PIL import Image
 from scipy.fft import dctn
 
 from vgmedgen.model.configbase import ConfigError
-from vgmedgen.platform.datasets import captions, measure
+from vgmedgen.platform.datasets import captions, masks, measure
 from vgmedgen.platform.datasets.common import CorruptInputError, SourceItem
 from vgmedgen.platform.records import encode_png
 
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 ResizePolicy = Literal["center_crop", "pad", "stretch"]
+MaskSource = Literal["dataset", "auto"]
 RESIZE_POLICIES: tuple[str, ...] = ("center_crop", "pad", "stretch")
 
 #: Mask and image sizes may differ by this relative aspect-ratio error and still be paired
@@ -278,13 +280,18 @@ def _first(metadata: dict[str, Any], keys: Sequence[str]) -> Any:
     return None
 
 
-def process_item(item: SourceItem, resolution: int, resize: ResizePolicy) -> dict[str, Any]:
+def process_item(
+    item: SourceItem, resolution: int, resize: ResizePolicy, mask_source: MaskSource = "dataset"
+) -> dict[str, Any]:
     """Decode, resize, measure and describe one item.
 
     Args:
         item: from a reader.
         resolution: side of the square output in pixels.
         resize: ``center_crop``, ``pad`` or ``stretch`` (see :func:`resize_pair`).
+        mask_source: ``"dataset"``: the item's own mask or none; ``"auto"``: an item without a mask
+            (``mask_policy="none"``) gets :func:`masks.otsu_lesion_mask` of the resized image, when it
+            finds a lesion.
 
     Returns:
         A record dict with every ``RECORD_SCHEMA`` column except ``split``: ``image`` (RGB PNG),
@@ -295,11 +302,14 @@ def process_item(item: SourceItem, resolution: int, resize: ResizePolicy) -> dic
         (when there is a mask), :func:`measure.measure_image` keys, the bins of
         :func:`measure.describe_bins`, ``phash`` of the original image, ``mask_policy``,
         ``original_size`` [w, h], ``caption_source`` ("supplied"/"generated"),
-        ``official_split``, and the source ``metadata``).
+        ``official_split``, ``mask_source`` (``"dataset"``, ``"auto:otsu"`` or None: see
+        :mod:`vgmedgen.platform.datasets.masks`), and the source ``metadata``).
 
     Raises:
         CorruptInputError: an unreadable image or mask file (the message names it).
     """
+    if mask_source not in ("dataset", "auto"):
+        raise ConfigError(f"Unknown mask source {mask_source!r}; valid: dataset, auto")
     if item.mask_policy not in ("files", "empty", "none"):
         raise ValueError(f"item {item.id}: unknown mask_policy {item.mask_policy!r}")
     original = load_rgb(item.image_path)  # (H, W, 3)
@@ -315,6 +325,10 @@ def process_item(item: SourceItem, resolution: int, resize: ResizePolicy) -> dic
     else:
         mask = None
     image, mask = resize_pair(original, mask, resolution, resize)
+    source = None if mask is None else masks.DATASET_MASK_SOURCE
+    if mask is None and mask_source == "auto":
+        mask = masks.otsu_lesion_mask(image)
+        source = None if mask is None else masks.AUTO_MASK_SOURCE
 
     mask_m = measure.measure_mask(mask) if mask is not None else None
     image_m = measure.measure_image(image, mask)
@@ -335,6 +349,7 @@ def process_item(item: SourceItem, resolution: int, resize: ResizePolicy) -> dic
         **measure.describe_bins(mask_m, image_m),
         "phash": perceptual_hash(original),
         "mask_policy": item.mask_policy,
+        "mask_source": source,
         "original_size": [w, h],
         "caption_source": "supplied" if item.caption else "generated",
         "official_split": item.official_split,

@@ -126,6 +126,14 @@ class TrainConfig(StrictConfig):
     init_from: str | None = Field(
         None, description="A model version directory or registry alias providing the stages that are not run."
     )
+    min_mask_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The visual stage refuses to train when fewer than this fraction of the train records have a "
+        "lesion mask (its segmentor learns from them, and prompts state size and position only where one exists); "
+        "0 trains on any number, none included.",
+    )
     scaling: ScalingOptions = ScalingOptions()
     visual: StageTrainConfig = StageTrainConfig(lr=1e-4, betas=(0.5, 0.999))
     align: StageTrainConfig = StageTrainConfig(lr=1e-4)

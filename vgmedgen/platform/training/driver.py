@@ -14,7 +14,7 @@ from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.modelcard import write_model_card
 from vgmedgen.platform.runs import encoder_name, job_key, version_name
 from vgmedgen.platform.storage import atomic_directory
-from vgmedgen.platform.training.runner import PARTS, StageResult, run_stage
+from vgmedgen.platform.training.runner import PARTS, StageResult, check_visual_masks, run_stage
 
 __all__ = ["TrainSummary", "assemble_version", "train_experiment", "ensure_text_encoder"]
 
@@ -117,6 +117,8 @@ def train_experiment(
     prepare_records(
         cfg, address=address
     )  # reuses existing records; connects to Ray only when it must build them
+    # Too few lesion masks fails here, before any MLflow run is opened (run_stage checks again for its callers).
+    census = check_visual_masks(cfg) if "visual" in cfg.train.stages else None
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     parts: dict[str, Path] = {}
     if cfg.train.init_from:
@@ -131,6 +133,10 @@ def train_experiment(
     with open_run(tracker, key=key, name=f"{cfg.name}-train", tags={"job": "train"}) as parent:
         if tracker is not None:
             tracker.log_params(parent, cfg.model_dump(mode="json", exclude={"evaluate"}))
+            if census is not None:  # what the segmentor learnt from: dataset masks, automatic ones, or none
+                from vgmedgen.platform.datasets.masks import mask_line
+
+                tracker.client.set_tag(parent, "lesion_masks", mask_line(census))
         results = []
         for stage in cfg.train.stages:
             inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}

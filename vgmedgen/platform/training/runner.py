@@ -24,7 +24,7 @@ from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.runs import read_done, stage_identity, stage_run_name, write_done
 from vgmedgen.platform.training.config import STAGE_SCORES, STAGES
 
-__all__ = ["StageResult", "StageInputError", "run_stage", "PARTS"]
+__all__ = ["StageResult", "StageInputError", "check_visual_masks", "run_stage", "PARTS"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,35 @@ NEEDS = {"visual": (), "align": ("visual",), "dit": ("visual", "text")}
 
 class StageInputError(FileNotFoundError):
     """A stage's input checkpoint (an earlier stage's export) is missing; the message says which and how to get it."""
+
+
+def check_visual_masks(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
+    """Refuse to train the visual stage on records with too few lesion masks (``train.min_mask_fraction``).
+
+    Returns:
+        The records' mask census (split -> mask source or "none" -> count), for the run's tags.
+
+    Raises:
+        MaskSupervisionError: with the count, the minimum and the fixes (masks, ``data.mask_source=auto``,
+            a lower minimum).
+    """
+    from vgmedgen.platform.datasets.masks import (
+        NO_MASK,
+        check_mask_supervision,
+        mask_line,
+        records_mask_census,
+    )
+
+    census = records_mask_census(cfg.records_dir)
+    check_mask_supervision(census, cfg.train.min_mask_fraction, cfg.data.dataset, cfg.records_dir)
+    if census.get("train", {}).get(NO_MASK):
+        log.warning(
+            "%s; train.min_mask_fraction=%g lets the visual stage train with these, but the records without "
+            "one give its segmentor no Dice supervision",
+            mask_line(census),
+            cfg.train.min_mask_fraction,
+        )
+    return census
 
 
 @dataclass
@@ -87,6 +116,8 @@ def run_stage(
         log.info("--fresh: moved the earlier run to %s", aside)
         if tracker is not None:
             tracker.retire(name, aside.name)  # the new run gets its own MLflow run and metric history
+    if stage == "visual" and read_done(run_dir) is None:
+        check_visual_masks(cfg)  # before any run is opened: too few masks is a config error
     export_dir = run_dir / "export" / PARTS[stage]
     done = read_done(run_dir)
     if done is not None:
