@@ -162,15 +162,15 @@ def test_mask_options_are_validated() -> None:
     assert load_experiment(None, []).train.min_mask_fraction == 0.5
 
 
-def test_mask_settings_in_identities() -> None:
+def test_mask_settings_in_identities(tmp_path: Path) -> None:
     """Automatic masks are other records (and other stage-1 runs); the minimum only guards, and the default
     mask source leaves every earlier name as it was (pinned in test_train.py)."""
     from vgmedgen.platform.runs import job_key, records_key, stage_run_name
 
-    base = load_experiment(REPO / "configs/tiny.yaml", ["output_root=/tmp/unused"])
-    auto = load_experiment(REPO / "configs/tiny.yaml", ["output_root=/tmp/unused", "data.mask_source=auto"])
+    base = load_experiment(REPO / "configs/tiny.yaml", [f"output_root={tmp_path}"])
+    auto = load_experiment(REPO / "configs/tiny.yaml", [f"output_root={tmp_path}", "data.mask_source=auto"])
     guard = load_experiment(
-        REPO / "configs/tiny.yaml", ["output_root=/tmp/unused", "train.min_mask_fraction=0"]
+        REPO / "configs/tiny.yaml", [f"output_root={tmp_path}", "train.min_mask_fraction=0"]
     )
     assert records_key(auto.data) != records_key(base.data)
     assert stage_run_name(auto, "visual", {}) != stage_run_name(base, "visual", {})

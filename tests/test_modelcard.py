@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -142,3 +143,23 @@ def test_measurements_on_a_version_without_a_card_start_one(version: Path, tmp_p
     assert "Not recorded: this version was assembled before model cards were written." in text
     assert "| `eval/FID` | 3 |" in text
     assert _front_matter(work / MODEL_CARD)["license"] == "other"  # no training data known
+
+
+def test_card_says_where_the_lesion_masks_came_from(version: Path, cfg, tmp_path: Path) -> None:
+    """Automatic masks and missing ones are labelled as such on the card (counted from the records when
+    the prepare manifest predates the mask census)."""
+    import json
+
+    table = pq.read_table(cfg.records_dir / "part-00000.parquet")
+    rows = table.to_pylist()
+    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    for i in train[:2]:  # two automatic masks in train
+        rows[i]["attributes"] = json.dumps({**json.loads(rows[i]["attributes"]), "mask_source": "auto:otsu"})
+    rows[train[2]]["mask"] = None  # one train record without a mask
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), cfg.records_dir / "part-00000.parquet")
+    work = tmp_path / version.name
+    shutil.copytree(version, work)
+    text = read_model_card(Path(write_model_card(work, cfg, [])).parent).text
+    assert "Lesion masks: 7 of 8 records (train 4/5, val 2/2, test 1/1); from auto:otsu 2; dataset 5." in text
+    assert "2 of those masks are automatic (`auto:otsu`" in text
+    assert "1 record has no mask" in text

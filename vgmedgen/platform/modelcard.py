@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from vgmedgen.model.vgmedgen import MODEL_CARD, ModelVersionError
+from vgmedgen.platform.datasets.masks import AUTO_MASK_SOURCE, NO_MASK, mask_line, records_mask_census
 from vgmedgen.platform.records import read_records, read_records_manifest
 from vgmedgen.platform.runs import records_fingerprint
 from vgmedgen.platform.storage import file_digest
@@ -86,6 +87,7 @@ def _data_facts(cfg: ExperimentConfig) -> dict[str, Any]:
         splits = read_records(records, columns=["split"]).column("split").to_pylist()
         counts = {s: {"all": splits.count(s)} for s in ("train", "val", "test")}
     licence, terms = DATA_LICENCES.get(cfg.data.dataset, (None, "unknown"))
+    masks = (manifest.get("summary") or {}).get("masks") or records_mask_census(records)
     return {
         "dataset": cfg.data.dataset,
         "records": cfg.data.records_name,
@@ -95,6 +97,7 @@ def _data_facts(cfg: ExperimentConfig) -> dict[str, Any]:
         "rows_per_split": {s: int(sum(c.values())) for s, c in counts.items()},
         "licence": licence,
         "licence_terms": terms,
+        "lesion_masks": masks,
     }
 
 
@@ -272,6 +275,26 @@ def _card_data(facts: Mapping[str, Any]) -> ModelCardData:
     )
 
 
+def _mask_lines(census: Mapping[str, Mapping[str, int]] | None) -> list[str]:
+    """The card's lines on where the records' lesion masks came from (none for cards written before)."""
+    if not census:
+        return []
+    lines = [f"- {mask_line(census)}."]
+    auto = sum(c.get(AUTO_MASK_SOURCE, 0) for c in census.values())
+    if auto:
+        lines.append(
+            f"- {auto} of those masks are automatic (`{AUTO_MASK_SOURCE}`: Otsu thresholding at prepare time), not "
+            "expert annotations: the segmentor learnt from them and the anatomy prompts were measured on them."
+        )
+    missing = sum(c.get(NO_MASK, 0) for c in census.values())
+    if missing:
+        lines.append(
+            f"- {missing} {'record has' if missing == 1 else 'records have'} no mask: their prompts carry no size or position, and they gave stage 1 "
+            "no segmentation supervision."
+        )
+    return lines
+
+
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -324,6 +347,7 @@ def _body(version_dir: Path, facts: Mapping[str, Any]) -> str:
             + ".",
             f"- Records fingerprint: data config hash `{data['records_config_hash']}`, part files "
             f"`{data['records_files_fingerprint']}` (names and sizes of the Parquet parts).",
+            *_mask_lines(data.get("lesion_masks")),
             "",
             "### Licence of the training data",
             "",

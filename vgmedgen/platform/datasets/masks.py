@@ -1,6 +1,6 @@
 """Lesion masks: where each record's mask came from, how many a split holds, and an automatic fallback.
 
-A record's mask drives three things (shared/DATASETS.md, METHOD.md): the anatomy prompt (size,
+A record's mask drives three things (docs/datasets.md, docs/method.md): the anatomy prompt (size,
 position, shape and border are measured from it), the stage-1 segmentor's Dice supervision, and so
 the model's anatomy control. A dataset without masks still prepares, but every one of those is lost,
 so the prepare job reports the count per split (:func:`mask_report`) and the train job refuses to
