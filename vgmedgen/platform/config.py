@@ -26,6 +26,7 @@ from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
 from vgmedgen.model.vgmedgen import ModelConfig
 from vgmedgen.platform.datasets.config import ReaderOptions
 from vgmedgen.platform.evaluation.config import AdherenceConfig, EvaluateConfig
+from vgmedgen.platform.generation.config import GenerateConfig
 from vgmedgen.platform.training.config import TrainConfig
 
 __all__ = [
@@ -167,6 +168,8 @@ class ExperimentConfig(StrictConfig):
     evaluate: EvaluateConfig = EvaluateConfig()
     # The demo's swap-grid adherence check; like evaluate and tracking, in no training identity.
     adherence: AdherenceConfig = AdherenceConfig()
+    # The generation job (jobs/generate.py); in no training identity.
+    generate: GenerateConfig = GenerateConfig()
 
     def check_trainable(self) -> None:
         """Raise :class:`ConfigError` unless the records' resolution is the model's image size."""
