@@ -176,7 +176,7 @@ def test_ham10000_without_masks_is_reported_refused_and_auto_masked(
     )
     assert "HAM10000_segmentations_lesion_tschandl" in out and "data.mask_source=auto" in out
     assert any("have no lesion mask" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    manifest = json.loads((output_root / "records" / "ham10000-16" / "manifest.json").read_text())
+    manifest = json.loads((output_root / "records" / "ham10000-16" / "_manifest.json").read_text())
     masks = manifest["summary"]["masks"]
     assert sum(c["none"] for c in masks.values()) == 6 and masks["train"]["none"] >= 1
 

@@ -19,15 +19,25 @@ and what is allowed: :func:`parse_request` turns pydantic's error into a :class:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 from pydantic import ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from vgmedgen.model.configbase import ConfigError, StrictConfig
+from vgmedgen.platform.generation.config import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    SEED_LIMIT,
+    _error,
+    check_guidance,
+    check_prompt,
+    check_seed,
+    check_steps,
+)
 
 if TYPE_CHECKING:
     from vgmedgen.model.sampler import SamplerConfig
@@ -51,72 +61,12 @@ __all__ = [
     "requests_to_table",
 ]
 
-MAX_PROMPT_CHARS = (
-    1000  # far above any caption the text encoder keeps (it truncates to its max_length tokens)
-)
-MAX_IMAGES = 256  # images per request; more go in several requests
-MAX_STEPS = 1000  # DPM-Solver++ steps; the noise schedules train on 1000 timesteps
-MAX_GUIDANCE = 50.0
-SEED_LIMIT = 2**31  # every seed below it: it fits int32, JSON numbers and every RNG API
-
 Mode = Literal["prompts", "caption", "reference"]
 
 _HOW = (
     "give `anatomy_prompt` and `style_prompt`, or `caption` (one whole caption), or `reference` (a real "
     "image's path: anatomy from the image, style from the image or from `style_prompt`)"
 )
-
-
-def _error(message: str, **context: Any) -> PydanticCustomError:
-    # One error type for every rule of this module, so that formatters can tell them from pydantic's own.
-    return PydanticCustomError("sample_request", message, context)
-
-
-def check_prompt(text: str) -> str:
-    """A prompt (anatomy, style or caption) as it is allowed: not blank, at most MAX_PROMPT_CHARS.
-
-    The ``check_*`` functions are the request's rules, for other models (the swap grid) to share;
-    they raise ``PydanticCustomError``, which a pydantic validator reports as the field's error.
-    """
-    if not text.strip():
-        raise _error("is empty; describe the image in words, or leave the field out")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise _error(
-            "has {length} characters, more than {limit}; shorten it (the text encoder keeps only its "
-            "first tokens anyway)",
-            length=len(text),
-            limit=MAX_PROMPT_CHARS,
-        )
-    return text
-
-
-def check_seed(value: int) -> int:
-    """A first seed: in [0, 2**31)."""
-    if not 0 <= value < SEED_LIMIT:
-        raise _error("must lie in [0, 2**31), got {value}", value=value)
-    return value
-
-
-def check_steps(value: int) -> int:
-    """A number of DPM-Solver++ steps: 1 to MAX_STEPS."""
-    if value < 1:
-        raise _error("must be a positive integer, got {value}", value=value)
-    if value > MAX_STEPS:
-        raise _error(
-            "must be at most {limit}, got {value}; DPM-Solver++ needs about 20", value=value, limit=MAX_STEPS
-        )
-    return value
-
-
-def check_guidance(value: float) -> float:
-    """A guidance scale (g_a or g_s): finite, in [0, MAX_GUIDANCE]."""
-    if not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
-        raise _error(
-            "must be a number in [0, {limit}] (1 = no guidance, the paper uses 4.5), got {value}",
-            value=value,
-            limit=MAX_GUIDANCE,
-        )
-    return value
 
 
 class SamplingChecks(StrictConfig):
