@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dit_step_time.py
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/generate_plan.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vgmedgen jobs tests benchmarks
