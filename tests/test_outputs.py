@@ -41,9 +41,13 @@ from vgmedgen.platform.records import (
     encode_png,
     read_records,
     records_to_table,
+    write_records_manifest,
 )
+from vgmedgen.platform.runs import records_key
 from vgmedgen.platform.training.classify import ClassifierSpec, ClassifierTask, HeadSpec, load_labelled
 from vgmedgen.platform.training.config import StageTrainConfig
+from vgmedgen.platform.training.driver import train_experiment
+from vgmedgen.platform.training.runner import SyntheticRecordsError, check_real_records
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -433,3 +437,43 @@ def test_summary_counts_and_write_outputs(table, tmp_path: Path) -> None:
     assert set(done.contact_sheets) == {_class(r) for r in rows}
     with pytest.raises(ConfigError, match="generate.contact_sheet_tiles"):
         load_experiment(None, ["generate.contact_sheet_tiles=0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The train job refuses synthetic rows for VG-MedGen itself
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_job_refuses_records_with_synthetic_rows(table, tmp_path: Path) -> None:
+    table_dir, rows = table
+    cfg = load_experiment(
+        REPO / "configs/tiny.yaml",
+        [f"output_root={tmp_path / 'root'}", "train.scaling.num_workers=0", "tracking.enabled=false"],
+    )
+    assert cfg.data.resolution == SIZE
+    real = real_records(10)
+    synthetic = read_records(write_accepted_records(table_dir, tmp_path / "syn", dataset="synthderm"))
+    records = cfg.records_dir
+    records.mkdir(parents=True)
+    pq.write_table(records_to_table(real), records / "part-00000.parquet")
+    pq.write_table(synthetic, records / "part-00001.parquet")  # someone copied generated rows in
+    # a manifest matching the data config, so that prepare reuses these records as they are
+    summary = {"records_dir": str(records), "dataset": "synthderm", "total": 10, "counts": {}}
+    write_records_manifest(records, {"config_hash": records_key(cfg.data), "summary": summary})
+
+    with pytest.raises(SyntheticRecordsError) as err:
+        check_real_records(cfg)
+    msg = str(err.value)
+    assert f"hold {synthetic.num_rows} synthetic rows" in msg and f"train {synthetic.num_rows}" in msg
+    assert synthetic.column("id")[0].as_py() in msg
+    assert "must not train on its own output" in msg and "prepared from real data" in msg
+    assert isinstance(err.value, ConfigError)  # the job prints it as one message, exit status 2
+
+    with pytest.raises(SyntheticRecordsError):
+        train_experiment(cfg)
+    assert (
+        not (cfg.root / "runs").exists() and not (cfg.root / "encoders").exists()
+    )  # refused before any work
+
+    (records / "part-00001.parquet").unlink()
+    assert check_real_records(cfg) is None  # the real rows alone pass
