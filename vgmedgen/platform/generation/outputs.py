@@ -276,20 +276,9 @@ def _texts(anatomy: str | None, style: str | None, caption: str | None) -> tuple
     return anatomy_text, style_text, caption
 
 
-_RECORD_COLUMNS = (
-    "sample_id",
-    "label",
-    "policy",
-    "source_id",
-    "model_id",
-    "seed",
-    "anatomy_prompt",
-    "style_prompt",
-    "caption",
-    "reference",
-    "image",
-    "mask",
-)
+# What the plan says of a row, in the records' attributes and in the export's metadata alike.
+_PLAN_COLUMNS = ("policy", "source_id", "model_id", "seed", "anatomy_prompt", "style_prompt", "caption")
+_RECORD_COLUMNS = ("sample_id", "label", *_PLAN_COLUMNS, "reference", "image", "mask")
 
 
 def _records_of(batch: pa.Table, dataset: str) -> Iterator[dict[str, Any]]:
@@ -358,21 +347,7 @@ def write_accepted_records(
 # export: imagefolder
 # ---------------------------------------------------------------------------------------------
 
-_EXPORT_COLUMNS = (
-    "sample_id",
-    "label",
-    "accepted",
-    "reason",
-    "policy",
-    "source_id",
-    "model_id",
-    "seed",
-    "anatomy_prompt",
-    "style_prompt",
-    "caption",
-    "image",
-    "mask",
-)
+_EXPORT_COLUMNS = ("sample_id", "label", "accepted", "reason", *_PLAN_COLUMNS, "image", "mask")
 
 
 def export_imagefolder(
