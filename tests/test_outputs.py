@@ -238,6 +238,35 @@ def test_a_table_without_the_job_columns_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_part_files_whose_all_null_columns_have_the_null_type_read_as_one_table(tmp_path: Path) -> None:
+    """A Ray block whose rows were all accepted can carry ``reason`` as Arrow's null type; the files are
+    read with one unified schema whatever their order."""
+    rows = output_rows(8)
+    for r, ok in zip(rows, [True] * 4 + [False] * 4):
+        r["accepted"], r["reason"] = ok, None if ok else "confidence below 0.5"
+    table_dir = tmp_path / "table"
+    table_dir.mkdir()
+    first = pa.Table.from_pylist(rows[:4], schema=OUTPUT_SCHEMA)
+    first = first.set_column(first.schema.get_field_index("reason"), "reason", pa.nulls(4))
+    assert first.schema.field("reason").type == pa.null()
+    pq.write_table(first, table_dir / "0a_000000_000000.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows[4:], schema=OUTPUT_SCHEMA), table_dir / "0b_000001_000000.parquet"
+    )
+    leftover = table_dir / ".0c.tmp"  # a writer's leftover, not data
+    leftover.mkdir()
+    pq.write_table(pa.table({"x": [1]}), leftover / "part.parquet")
+    summary = summarize_outputs(table_dir)
+    assert (summary["accepted"], summary["rejected"], summary["reasons"]) == (
+        4,
+        4,
+        {"confidence below 0.5": 4},
+    )
+    assert (
+        read_records(write_accepted_records(table_dir, tmp_path / "rec", dataset="synthderm")).num_rows == 4
+    )
+
+
 def test_evaluation_writer_records_keep_their_content(tmp_path: Path) -> None:
     """write_synthetic_records (the in-process path) now builds its rows with synthetic_record; each
     column keeps what it held before."""

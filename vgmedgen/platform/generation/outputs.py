@@ -94,8 +94,6 @@ REJECTED_RGB = (220, 20, 20)
 # Batches of the output table: small enough that a batch of PNGs stays a few MB, large enough that
 # pyarrow's per-batch overhead does not matter.
 DEFAULT_BATCH_ROWS = 64
-# Columns every derived output reads; a table without them was not written by the generation job.
-_KEY_COLUMNS = ("sample_id", "label", "accepted")
 # Scores copied into the records' attributes and the export's metadata (each only when the table has it).
 _SCORES = ("confidence", "nn_distance", "lesion_area", "lesion_cx", "lesion_cy")
 
@@ -111,13 +109,22 @@ class OutputTableError(ConfigError):
 
 def _dataset(table_dir: str | Path) -> pads.Dataset:
     table_dir = Path(table_dir)
-    if not table_dir.is_dir() or not any(table_dir.rglob("*.parquet")):
+    # Ray Data names the part files with random uuids; names starting "_" or "." are not data (pyarrow's
+    # own discovery skips them too).
+    files = sorted(
+        p
+        for p in table_dir.rglob("*.parquet")
+        if not any(part.startswith(("_", ".")) for part in p.relative_to(table_dir).parts)
+    )
+    if not table_dir.is_dir() or not files:
         raise OutputTableError(
             f"{table_dir} holds no Parquet files, so it is not the output table of a generation run; run "
             "`python jobs/generate.py --config <experiment>.yaml` first, or give the table directory it printed"
         )
-    # Ray Data names the part files with random uuids; pyarrow's discovery skips "_"- and "."-names.
-    return pads.dataset(table_dir, format="parquet")
+    # One schema for all files: a block whose rows were all accepted may carry `reason` as Arrow's null
+    # type, which a scan with the first file's schema alone would fail to read (or to promote).
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+    return pads.dataset([str(f) for f in files], schema=schema.remove_metadata(), format="parquet")
 
 
 def iter_output_batches(
