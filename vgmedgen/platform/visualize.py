@@ -28,10 +28,12 @@ def save_grid(
     ncol: int = 8,
     scale: int = 2,
     provenance: Mapping[str, Any] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Save (N, 3, H, W) images in [0, 1] as one PNG grid, upscaled ``scale`` times (nearest).
 
-    ``provenance`` (for generated images) is embedded and marks the PNG synthetic.
+    ``provenance`` (for generated images) is embedded and marks the PNG synthetic. ``title`` (one or
+    a few lines) is written in a white band above the grid.
     """
     from torchvision.utils import make_grid
 
@@ -39,6 +41,13 @@ def save_grid(
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if title:
+        text = _wrap(title, max(img.width // 6, 8))
+        band = 14 * (text.count("\n") + 1) + 4  # Pillow's default bitmap font is about 11 px high
+        canvas = Image.new("RGB", (img.width, img.height + band), "white")
+        ImageDraw.Draw(canvas).text((2, 2), text, fill="black")
+        canvas.paste(img, (0, band))
+        img = canvas
     return save_png(img, path, provenance)
 
 

@@ -15,21 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from vgmedgen.model.sampler import SamplerConfig
+from vgmedgen.platform.generation.outputs import synthetic_record, write_record_batches
 from vgmedgen.platform.images import provenance_fields
-from vgmedgen.platform.records import (
-    SYNTHETIC_SOURCE,
-    decode_masks,
-    decode_png,
-    encode_png,
-    read_split,
-    records_to_table,
-)
-from vgmedgen.platform.storage import atomic_directory
+from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_masks, decode_png, encode_png, read_split
 
 __all__ = [
     "GeneratedSet",
@@ -177,28 +169,24 @@ def write_synthetic_records(
             kind=kind,
         )
 
-    table = records_to_table(
-        {
-            "id": f"synthetic-{origin}-{i:06d}",
-            "dataset": dataset,
-            "split": "train",
-            "group": f"synthetic-{origin}-{i:06d}",
-            "label": rows.labels[i],
-            "image": encode_png(gen.images[i].permute(1, 2, 0).numpy(), provenance(i, "image")),
-            "mask": encode_png(
+    def record(i: int) -> dict:
+        rid = f"synthetic-{origin}-{i:06d}"
+        return synthetic_record(
+            record_id=rid,
+            dataset=dataset,
+            label=rows.labels[i],
+            image=encode_png(gen.images[i].permute(1, 2, 0).numpy(), provenance(i, "image")),
+            mask=encode_png(
                 ((gen.masks[i, 0] > 0.5).numpy() * 255).astype(np.uint8), provenance(i, "pseudo-mask")
             ),
-            "caption": f"{gen.anatomy[i]}; {gen.style[i]}",
-            "anatomy_text": gen.anatomy[i],
-            "style_text": gen.style[i],
-            "attributes": json.dumps(
-                {**rows.attributes[i], "synthetic": True, "from_record": rows.ids[i], "seed": gen.seeds[i]}
-            ),
-            "source": f"{SYNTHETIC_SOURCE}{origin}/{i}",
-        }
-        for i in range(len(gen))
-    )
+            caption=f"{gen.anatomy[i]}; {gen.style[i]}",
+            anatomy_text=gen.anatomy[i],
+            style_text=gen.style[i],
+            source=f"{SYNTHETIC_SOURCE}{origin}/{i}",
+            attributes={"from_record": rows.ids[i], "seed": gen.seeds[i]},
+            inherited=rows.attributes[i],
+        )
+
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        pq.write_table(table, tmp / "part-00000.parquet")
+    write_record_batches([(record(i) for i in range(len(gen)))], out_dir)
     return out_dir

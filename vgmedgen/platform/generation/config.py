@@ -299,6 +299,12 @@ class GenerateConfig(StrictConfig):
     export: Literal["none", "imagefolder"] = Field(
         "none", description="imagefolder: also write imagefolder/<class>/<sample_id>.png with metadata.csv."
     )
+    contact_sheet_tiles: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most images on each class's contact sheet (accepted first, then rejected).",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("num_steps")

@@ -14,7 +14,13 @@ from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.modelcard import write_model_card
 from vgmedgen.platform.runs import encoder_name, job_key, version_name
 from vgmedgen.platform.storage import atomic_directory
-from vgmedgen.platform.training.runner import PARTS, StageResult, check_visual_masks, run_stage
+from vgmedgen.platform.training.runner import (
+    PARTS,
+    StageResult,
+    check_real_records,
+    check_visual_masks,
+    run_stage,
+)
 
 __all__ = ["TrainSummary", "assemble_version", "train_experiment", "ensure_text_encoder"]
 
@@ -117,6 +123,7 @@ def train_experiment(
     prepare_records(
         cfg, address=address
     )  # reuses existing records; connects to Ray only when it must build them
+    check_real_records(cfg)  # generated rows in the records: refused before any run, encoder or MLflow entry
     # Too few lesion masks fails here, before any MLflow run is opened (run_stage checks again for its callers).
     census = check_visual_masks(cfg) if "visual" in cfg.train.stages else None
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,15 @@ from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.runs import read_done, stage_identity, stage_run_name, write_done
 from vgmedgen.platform.training.config import STAGE_SCORES, STAGES
 
-__all__ = ["StageResult", "StageInputError", "check_visual_masks", "run_stage", "PARTS"]
+__all__ = [
+    "StageResult",
+    "StageInputError",
+    "SyntheticRecordsError",
+    "check_real_records",
+    "check_visual_masks",
+    "run_stage",
+    "PARTS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,42 @@ NEEDS = {"visual": (), "align": ("visual",), "dit": ("visual", "text")}
 
 class StageInputError(FileNotFoundError):
     """A stage's input checkpoint (an earlier stage's export) is missing; the message says which and how to get it."""
+
+
+class SyntheticRecordsError(ConfigError):
+    """The records VG-MedGen would train on hold generated (``synthetic://``) rows; the message gives the fix."""
+
+
+def check_real_records(cfg: ExperimentConfig) -> None:
+    """Refuse to train VG-MedGen on records that hold synthetic rows (``source`` starting ``synthetic://``).
+
+    A model trained on its own output learns its own artefacts and errors back and drifts from the real
+    data (model collapse), and its evaluation would then measure it against itself. Synthetic records are
+    for the downstream benchmark only, as extra train rows of a classifier. Reads only the ``source``,
+    ``split`` and ``id`` columns.
+
+    Raises:
+        SyntheticRecordsError: with the count per split, a few ids, the reason and the fix.
+    """
+    from vgmedgen.platform.records import SYNTHETIC_SOURCE, read_records
+
+    table = read_records(cfg.records_dir, columns=["id", "split", "source"])
+    found = [
+        (rid, split)
+        for rid, split, source in zip(*(table.column(c).to_pylist() for c in ("id", "split", "source")))
+        if source.startswith(SYNTHETIC_SOURCE)
+    ]
+    if not found:
+        return
+    per_split = ", ".join(f"{s} {n}" for s, n in sorted(Counter(s for _, s in found).items()))
+    raise SyntheticRecordsError(
+        f"The records at {cfg.records_dir} hold {len(found)} synthetic rows (source '{SYNTHETIC_SOURCE}...': "
+        f"{per_split}; e.g. {', '.join(repr(r) for r, _ in found[:3])}). VG-MedGen must not train on its own "
+        "output: it would learn its own artefacts and errors back, and its evaluation would compare it with "
+        "itself. Train on records prepared from real data only (data.dataset / data.name naming a directory "
+        "written by jobs/prepare.py, without generated rows copied in); synthetic records belong to the "
+        "downstream benchmark, as extra train rows of a classifier."
+    )
 
 
 def check_visual_masks(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
@@ -109,6 +154,10 @@ def run_stage(
             )
     storage = cfg.root / "runs"
     name = stage_run_name(cfg, stage, inputs)
+    if read_done(storage / name) is None:
+        check_real_records(
+            cfg
+        )  # before any run is opened: generated rows are never VG-MedGen's training data
     run_dir = storage / name
     if fresh and run_dir.exists():
         aside = storage / f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
