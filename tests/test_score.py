@@ -185,7 +185,7 @@ def _sharded(features: np.ndarray, labels: list, ids: list, shards: int) -> Shar
 
 def test_one_and_four_shards_agree_and_kid_is_reproducible() -> None:
     rng = np.random.default_rng(1)
-    n, d = 3000, 64  # realistic scale: features offset far from zero, several thousand rows
+    n, d = 3000, 512  # realistic scale: 512-D (paper domain net), offset far from zero, thousands of rows
     features = rng.normal(50.0, 3.0, (n, d)) + rng.normal(0, 1, d)
     labels = [CLASSES[i % 2] if i % 5 else None for i in range(n)]
     ids = [f"r{i}" for i in range(n)]
@@ -200,9 +200,9 @@ def test_one_and_four_shards_agree_and_kid_is_reproducible() -> None:
     exact = FeatureStats.from_features(features)
     assert relative_difference(four.summaries["domain"][ALL_CLASSES].stats.cov, exact.cov) < 1e-9
     ref = _sharded(
-        rng.normal(50.0, 3.0, (800, d)),
-        [CLASSES[i % 2] for i in range(800)],
-        [f"t{i}" for i in range(800)],
+        rng.normal(50.0, 3.0, (1200, d)),
+        [CLASSES[i % 2] for i in range(1200)],
+        [f"t{i}" for i in range(1200)],
         1,
     )
     kw = {"kid_subsets": 10, "kid_subset_size": 100, "seed": 4}
@@ -211,7 +211,8 @@ def test_one_and_four_shards_agree_and_kid_is_reproducible() -> None:
         assert r1["kd_mean"] == r4["kd_mean"] and r1["kd_std"] == r4["kd_std"]
         assert r1["fd"] == pytest.approx(r4["fd"], rel=1e-9)
     assert score_accepted(four, ref, **kw) == rows_four  # seeded: the same numbers again
-    assert rows_four[0]["class"] == ALL_CLASSES and rows_four[0]["fd"] > 0
+    assert [r["class"] for r in rows_four] == [ALL_CLASSES, *CLASSES]
+    assert all(r["fd"] > 0 and r["note"] is None for r in rows_four)
 
 
 def test_per_class_rows_are_na_when_smaller_than_the_feature_width() -> None:
@@ -242,3 +243,30 @@ def test_shard_stats_from_scored_batches_round_trip(assets_dir: Path, tmp_path: 
     rows = score_accepted(back, scorer.assets.reference, kid_subsets=2, kid_subset_size=2)
     assert [r["class"] for r in rows] == [ALL_CLASSES, *CLASSES]
     assert rows[0]["fd"] is not None and rows[1]["note"].startswith("n/a")
+
+
+def test_inception_features_when_the_weights_file_is_configured(assets_dir: Path, tmp_path: Path) -> None:
+    from vgmedgen.platform.metrics.fidelity import kaiming_inception_state_dict
+
+    weights = tmp_path / "inception.pth"
+    torch.save(kaiming_inception_state_dict(seed=0), weights)
+    train, train_masks = disc_images(8, seed=1)
+    test, _ = disc_images(4, seed=2)
+    assets = ScorerAssets.from_arrays(
+        tmp_path / "assets",
+        domain_net_dir=ScorerAssets.load(assets_dir).domain_net_dir,
+        train_images=train,
+        train_masks=train_masks,
+        train_labels=[CLASSES[i % 2] for i in range(8)],
+        reference_images=test,
+        reference_labels=[CLASSES[i % 2] for i in range(4)],
+        inception_weights=weights,
+        reservoir_size=16,
+    )
+    assert assets.reference.summaries["inception"][ALL_CLASSES].count == 4
+    out = Scorer(assets.directory)(make_batch(2, seed=3, labels=["nevus", None]))
+    feats = out["inception_features"]
+    assert all(f.dtype == np.float32 and f.shape == (2048,) for f in feats)
+    assert not np.array_equal(feats[0], feats[1])
+    stats = ShardStats(16, 0).add_batch(out)
+    assert stats.summaries["inception"][ALL_CLASSES].count == 2

@@ -379,11 +379,13 @@ class ScorerAssets:
         from vgmedgen.platform.records import decode_images, decode_masks, read_split
 
         ev = cfg.evaluate
-        connect(address)
-        trained, _ = domain_extractor(cfg, cfg.root / "evaluation" / cfg.data.records_name)
+        # A config that demands FID fails here, before any training; an optional one just goes without.
         weights = None
         if ev.fidelity.fid != "off" and check_inception_weights(ev.fidelity) is None:
             weights = ev.fidelity.feature_extractor_weights_path
+        connect(address)
+        # The evaluate job's own domain network (same storage, same run name): trained once, reused after.
+        trained, _ = domain_extractor(cfg, cfg.root / "evaluation" / cfg.data.records_name)
 
         def split(name: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
             table = read_split(cfg.records_dir, name, ["image", "mask", "label"])
