@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -15,11 +16,13 @@ from vgmedgen.platform.generation.filters import PropertyBands, apply_filters, f
 from vgmedgen.platform.generation.score import (
     ALL_CLASSES,
     SCORER_COLUMNS,
+    SCORER_SCHEMA,
     Scorer,
     ScorerAssets,
     ShardStats,
     measure_rows,
     score_accepted,
+    scored_to_arrow,
 )
 from vgmedgen.platform.metrics.stats import FeatureStats, relative_difference
 from vgmedgen.platform.records import encode_png
@@ -270,3 +273,22 @@ def test_inception_features_when_the_weights_file_is_configured(assets_dir: Path
     assert not np.array_equal(feats[0], feats[1])
     stats = ShardStats(16, 0).add_batch(out)
     assert stats.summaries["inception"][ALL_CLASSES].count == 2
+
+
+def test_scored_batch_to_arrow_keeps_the_output_types(assets_dir: Path) -> None:
+    out = Scorer(assets_dir, {"min_confidence": 0.99})(
+        make_batch(3, seed=4, labels=["nevus", None, "melanoma"])
+    )
+    table = scored_to_arrow(out)
+    for name in SCORER_COLUMNS:
+        assert table.schema.field(name).type == SCORER_SCHEMA.field(name).type, name
+    assert table.column("image").type == pa.binary() and table.column("sample_id").type == pa.string()
+    assert table.column("inception_features").null_count == 3 and table.column("confidence").null_count == 1
+    assert table.column("lesion_rgb").null_count == 1  # the empty mask of the last row
+    assert table.column("accepted").to_pylist() == [
+        False,
+        True,
+        False,
+    ]  # the unlabelled row has no confidence
+    back = np.asarray(table.column("domain_features")[0].as_py(), np.float32)
+    assert np.array_equal(back, out["domain_features"][0])

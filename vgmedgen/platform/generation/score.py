@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from vgmedgen.platform.datasets.measure import measure_image, measure_mask
@@ -42,11 +43,13 @@ from vgmedgen.platform.storage import atomic_directory
 __all__ = [
     "ALL_CLASSES",
     "SCORER_COLUMNS",
+    "SCORER_SCHEMA",
     "Scorer",
     "ScorerAssets",
     "ShardStats",
     "measure_rows",
     "score_accepted",
+    "scored_to_arrow",
 ]
 
 SCORER_COLUMNS: tuple[str, ...] = (
@@ -61,6 +64,22 @@ SCORER_COLUMNS: tuple[str, ...] = (
     "skin_rgb",
     "accepted",
     "reason",
+)
+# The scorer columns' Arrow types (the output table's contract): nullable lists stay lists, never tensors.
+SCORER_SCHEMA = pa.schema(
+    [
+        ("domain_features", pa.list_(pa.float32())),
+        ("inception_features", pa.list_(pa.float32())),
+        ("confidence", pa.float64()),
+        ("nn_distance", pa.float64()),
+        ("lesion_area", pa.float64()),
+        ("lesion_cx", pa.float64()),
+        ("lesion_cy", pa.float64()),
+        ("lesion_rgb", pa.list_(pa.float64())),
+        ("skin_rgb", pa.list_(pa.float64())),
+        ("accepted", pa.bool_()),
+        ("reason", pa.string()),
+    ]
 )
 ALL_CLASSES = "__all__"  # the statistics key of all rows, labelled or not
 _ASSETS_FILE = "assets.json"
@@ -89,6 +108,29 @@ def measure_rows(images: np.ndarray, masks: np.ndarray) -> dict[str, list[Any]]:
         out["lesion_rgb"].append(None if empty else [float(v) for v in s["lesion_rgb"]])
         out["skin_rgb"].append(None if empty else [float(v) for v in s["background_rgb"]])
     return out
+
+
+def scored_to_arrow(batch: Mapping[str, Any]) -> pa.Table:
+    """A scored batch as an Arrow table with the scorer columns typed by :data:`SCORER_SCHEMA`.
+
+    Return this from a Ray Data actor: a dict of numpy arrays would turn the feature lists into Ray's
+    tensor extension type, which plain pyarrow reads back badly; other columns keep their inferred types.
+    """
+    arrays, fields = [], []
+    for name, column in batch.items():
+        if name in SCORER_SCHEMA.names:
+            typ = SCORER_SCHEMA.field(name).type
+            if pa.types.is_list(typ):
+                column = [None if v is None else np.asarray(v).tolist() for v in column]
+            arrays.append(pa.array(list(column) if not isinstance(column, np.ndarray) else column, type=typ))
+        else:
+            arrays.append(
+                pa.array(
+                    list(column) if isinstance(column, np.ndarray) and column.dtype == object else column
+                )
+            )
+        fields.append(name)
+    return pa.Table.from_arrays(arrays, names=fields)
 
 
 def _empty_like(summary: FeatureSummary, stats: ShardStats) -> FeatureSummary:
