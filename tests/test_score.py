@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vgmedgen.model.domain_nets import build_domain_net, domain_net_config, save_domain_net
+from vgmedgen.platform.evaluation.generate import prompt_rows
 from vgmedgen.platform.generation.config import FilterConfig
 from vgmedgen.platform.generation.filters import PropertyBands, apply_filters, filter_summary
 from vgmedgen.platform.generation.score import (
@@ -292,3 +293,36 @@ def test_scored_batch_to_arrow_keeps_the_output_types(assets_dir: Path) -> None:
     ]  # the unlabelled row has no confidence
     back = np.asarray(table.column("domain_features")[0].as_py(), np.float32)
     assert np.array_equal(back, out["domain_features"][0])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_assets_build_trains_the_evaluate_domain_net_once_and_reuses_it(
+    ray_cluster, output_root: Path
+) -> None:
+    """The driver step on real (SynthDerm) records: the evaluate job's domain classifier, then saved assets."""
+    from vgmedgen.platform.config import load_experiment
+    from vgmedgen.platform.prepare import prepare_records
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_experiment(
+        repo / "configs/tiny.yaml",
+        [
+            f"output_root={output_root}",
+            "data.synthderm.num_records=160",
+            "evaluate.domain_net=tiny",
+            "evaluate.domain_train.steps=5",
+            "evaluate.domain_train.batch_size=16",
+        ],
+    )
+    prepare_records(cfg)
+    assets = ScorerAssets.build(cfg, output_root / "scorer")
+    again = ScorerAssets.build(cfg, output_root / "scorer-again")
+    assert again.domain_net_dir == assets.domain_net_dir  # the trained net is reused, not retrained
+    assert assets.domain_kind == "classifier" and assets.domain_net_dir.is_relative_to(
+        output_root / "evaluation"
+    )
+    n_train = len(prompt_rows(cfg.records_dir, "train"))
+    assert assets.train_features.shape[0] == n_train and np.isfinite(assets.test_nn).all()
+    ref = assets.reference.summaries["domain"][ALL_CLASSES]
+    assert ref.count == len(prompt_rows(cfg.records_dir, cfg.evaluate.reference_split))
