@@ -18,9 +18,7 @@ reported loudly): the demo shows what the trained model does, it does not hide i
 
 from __future__ import annotations
 
-import sys
-
-from vgmedgen.platform.cli import job_parser, load_from_args, run_job
+from vgmedgen.platform.cli import exit_job, job_parser, load_from_args, run_job
 from vgmedgen.platform.evaluation.demo import demo_report, run_demo
 
 
@@ -33,4 +31,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    exit_job(run_job(main))

@@ -16,9 +16,7 @@ and are reused on later runs while their data and settings are unchanged.
 
 from __future__ import annotations
 
-import sys
-
-from vgmedgen.platform.cli import job_parser, load_from_args, run_job
+from vgmedgen.platform.cli import exit_job, job_parser, load_from_args, run_job
 from vgmedgen.platform.evaluation.driver import evaluate_experiment
 from vgmedgen.platform.metrics.report import markdown_report
 
@@ -38,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    exit_job(run_job(main))

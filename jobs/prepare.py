@@ -11,9 +11,7 @@ reuses the records; --fresh rebuilds them.
 
 from __future__ import annotations
 
-import sys
-
-from vgmedgen.platform.cli import job_parser, load_from_args, run_job
+from vgmedgen.platform.cli import exit_job, job_parser, load_from_args, run_job
 from vgmedgen.platform.prepare import prepare_records
 
 
@@ -33,4 +31,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    exit_job(run_job(main))

@@ -20,11 +20,10 @@ like every job's but unused: sampling runs here, without a cluster.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vgmedgen.platform.cli import job_parser, load_from_args, run_job
+from vgmedgen.platform.cli import exit_job, job_parser, load_from_args, run_job
 from vgmedgen.platform.generation.request import parse_request
 from vgmedgen.platform.generation.sample import generate_samples, load_model, load_references, write_samples
 from vgmedgen.platform.tracking import resolve_model
@@ -84,4 +83,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    exit_job(run_job(main))

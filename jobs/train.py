@@ -9,9 +9,7 @@ Each stage resumes from its latest checkpoint when re-submitted; a finished stag
 
 from __future__ import annotations
 
-import sys
-
-from vgmedgen.platform.cli import job_parser, load_from_args, run_job
+from vgmedgen.platform.cli import exit_job, job_parser, load_from_args, run_job
 from vgmedgen.platform.training.driver import train_experiment
 
 
@@ -31,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    exit_job(run_job(main))

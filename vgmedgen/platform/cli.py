@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ from types import FrameType
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig, load_experiment
 
-__all__ = ["Terminated", "job_parser", "load_from_args", "run_job"]
+__all__ = ["Terminated", "exit_job", "job_parser", "load_from_args", "run_job"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -84,6 +85,20 @@ def load_from_args(args: argparse.Namespace) -> ExperimentConfig:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return load_experiment(args.config, args.overrides)
+
+
+def exit_job(code: int) -> None:
+    """Leave the process with a job's exit status (the ``__main__`` of every job script).
+
+    After an interrupt (128 + SIGINT or SIGTERM) the open runs are already ended, so the process leaves at
+    once with ``os._exit``: a thread that cannot be interrupted (an in-process trainer's loop, a Ray client
+    thread) or an exit hook waiting on the cluster must not keep an interrupted job alive.
+    """
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run_job(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
