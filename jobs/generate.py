@@ -13,16 +13,14 @@ command run again resumes an interrupted run and writes nothing for a finished o
 
 from __future__ import annotations
 
-import sys
-
-from vgmedgen.platform.cli import job_parser, load_from_args, run_job
+from vgmedgen.platform.cli import exit_job, job_parser, load_from_args, run_job
 from vgmedgen.platform.generation.job import generate_experiment
 
 
 def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__).parse_args(argv)
     cfg = load_from_args(args)
-    outcome = generate_experiment(cfg, address=args.address)
+    outcome = generate_experiment(cfg, address=args.address, fresh=args.fresh)
     s = outcome.summary
     print(f"\nplan:        {outcome.plan}")
     print(f"output:      {outcome.out_dir}")
@@ -33,4 +31,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(main))
+    exit_job(run_job(main))

@@ -12,22 +12,20 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.datasets.measure import describe_bins, measure_mask
 from vgmedgen.platform.datasets.synthderm import synthderm_record
 from vgmedgen.platform.evaluation.adherence import prompt_vocabulary
 from vgmedgen.platform.evaluation.control import anatomy_adherence, judge_heads
-from vgmedgen.platform.evaluation.downstream import plan_draws, subset_records
-from vgmedgen.platform.evaluation.generate import GeneratedSet, prompt_rows, write_synthetic_records
+from vgmedgen.platform.evaluation.downstream import plan_policy, subset_records
+from vgmedgen.platform.evaluation.generate import prompt_rows
 from vgmedgen.platform.images import read_provenance
 from vgmedgen.platform.metrics.stats import MetricsError
 from vgmedgen.platform.records import records_to_table
 from vgmedgen.platform.training.classify import (
     ClassifierSpec,
     ClassifierTask,
-    HeadSpec,
     fit_classifier,
     load_labelled,
     predict,
@@ -99,41 +97,11 @@ def test_segmentation_task_learns_masks(records: Path, tmp_path: Path):
     assert seg.metrics["dice"] > max(0.5, before + 0.2)
 
 
-def test_synthetic_rows_are_flagged_and_only_join_train(records: Path, tmp_path: Path):
-    rows = prompt_rows(records, "train").take(range(5))
-    gen = GeneratedSet(
-        torch.zeros(5, 3, SIZE, SIZE, dtype=torch.uint8),
-        torch.ones(5, 1, SIZE, SIZE) * 0.9,
-        rows.anatomy,
-        rows.style,
-        list(range(5)),
-    )
-    out = write_synthetic_records(gen, rows, tmp_path / "syn", dataset="synthderm", origin="v1")
-    syn = load_labelled(out, "train", (), synthetic_only=True)
-    assert bool(syn.synthetic.all()) and len(syn) == 5 and bool(syn.has_mask.all())
-    table = pq.read_table(out)
-    assert set(table.column("split").to_pylist()) == {"train"}
-    assert json.loads(table.column("attributes")[0].as_py())["from_record"] == rows.ids[0]
-    # a real records directory passed as synthetic rows is refused, naming the rule
-    with pytest.raises(ConfigError, match="never enter val or test"):
-        load_labelled(records, "train", (), synthetic_only=True)
-    # the classifier's train split gains exactly those rows; val stays real
-    net = domain_net_config("tiny", num_classes=7, input_size=SIZE)
-    heads = (HeadSpec(name="label", classes=tuple(sorted(set(prompt_rows(records).labels))), source="label"),)
-    spec = ClassifierSpec(
-        net=net, heads=heads, records_dir=records, extra_train=(out,), train=StageTrainConfig(steps=1)
-    )
-    task = ClassifierTask(spec, torch.device("cpu"))
-    assert int(task.train_data.synthetic.sum()) == 5 and not bool(task.val_data.synthetic.any())
-
-
-def test_plans_draw_from_training_rows():
-    labels = ["a"] * 10 + ["b"] * 4 + ["c"] * 1
-    bal = plan_draws(labels, "balance", 0)
-    got = np.array(labels)[bal]
-    assert (got == "a").sum() == 0 and (got == "b").sum() == 6 and (got == "c").sum() == 9
-    assert len(plan_draws(labels, "x0.5", 0)) == 8 and len(plan_draws(labels, "x2", 0)) == 30
-    assert np.array_equal(plan_draws(labels, "x1", 3), plan_draws(labels, "x1", 3))
+def test_downstream_plans_are_generation_policies():
+    assert plan_policy("balance") == {"balance": {}}
+    assert plan_policy("x0.5") == {"multiply": 0.5} and plan_policy("x2") == {"multiply": 2.0}
+    with pytest.raises(ValueError, match="unknown downstream plan 'xy'"):
+        plan_policy("xy")
 
 
 def test_low_data_subset_keeps_val_and_test(records: Path, tmp_path: Path):

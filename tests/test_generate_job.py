@@ -3,7 +3,9 @@ exactly once across an interrupted run, a finished run rerun as a no-op, and the
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,44 +26,84 @@ def _table(out_dir: Path):
     return pq.ParquetDataset(out_dir / TABLE_DIR).read(columns=["sample_id", "image", "accepted", "reason"])
 
 
+def _overrides(output_root: Path, version: Path) -> list[str]:
+    return [
+        f"output_root={output_root}",
+        "data.synthderm.num_records=160",
+        "tracking.enabled=false",
+        "evaluate.domain_net=tiny",
+        "evaluate.domain_train.steps=5",
+        "evaluate.domain_train.batch_size=16",
+        "evaluate.fidelity.kid_subset_size=4",
+        "evaluate.fidelity.kid_subsets=3",
+        f"generate.model={version}",
+        "generate.policies=[{per_class: {mel: 12, nv: 12}}]",
+        "generate.batch_size=2",
+        "generate.shard_size=2",
+        "generate.filters.min_confidence=0.14",
+    ]
+
+
+def _fd(summary: dict) -> dict[tuple[str, str], float]:
+    return {(r["extractor"], r["class"]): r["fd"] for r in summary["distances"] if r.get("fd") is not None}
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Path, tmp_path: Path) -> None:
+    """One undisturbed run with one sampler actor; a finished run rerun writes nothing; the same job as a
+    real process with four sampler actors, SIGKILLed mid-way and run again, ends with the same ids, the
+    same image bytes and the same FD; a lost file and a truncated one are made again."""
+    import signal
+
+    from jobprocess import JobProcess
+
+    from vgmedgen.platform.images import read_provenance
+
     model = make_trained_model(make_text_encoder(tmp_path / "bert"), {"sampler": {"num_steps": 2}})
     version = tmp_path / "models" / "v-test"
     model.save_pretrained(version)
-    cfg = load_experiment(
-        REPO / "configs/tiny.yaml",
-        [
-            f"output_root={output_root}",
-            "data.synthderm.num_records=160",
-            "tracking.enabled=false",
-            "evaluate.domain_net=tiny",
-            "evaluate.domain_train.steps=5",
-            "evaluate.domain_train.batch_size=16",
-            "evaluate.fidelity.kid_subset_size=4",
-            "evaluate.fidelity.kid_subsets=3",
-            f"generate.model={version}",
-            "generate.policies=[{per_class: {mel: 6, nv: 6}}]",
-            "generate.batch_size=4",
-            "generate.shard_size=4",
-            "generate.filters.min_confidence=0.99",
-        ],
-    )
+    overrides = _overrides(output_root, version)
+    cfg = load_experiment(REPO / "configs/tiny.yaml", overrides)
     first = generate_experiment(cfg)
     table = _table(first.out_dir)
     ids = table.column("sample_id").to_pylist()
-    assert first.written == 12 and len(ids) == 12 == len(set(ids))
+    assert first.written == 24 and len(ids) == 24 == len(set(ids))
     rejected = [r for r in table.to_pylist() if not r["accepted"]]
+    assert 0 < len(rejected) < 22, "the confidence filter should split this set"
     assert all("confidence" in r["reason"] for r in rejected)
     images = dict(zip(ids, table.column("image").to_pylist()))
+    mark = read_provenance(images[ids[0]])
+    assert mark["synthetic"] == "true" and mark["kind"] == "image"
     summary = first.summary
-    assert summary["rows"] == 12 and summary["accepted"] + summary["rejected"] == 12
+    assert summary["rows"] == 24 and summary["accepted"] + summary["rejected"] == 24
     assert (first.out_dir / "summary.json").is_file() and (first.out_dir / "records").is_dir()
+    assert _fd(summary)  # FD of the accepted set, from the merged per-file statistics
 
     # A finished job run again writes nothing.
     again = generate_experiment(cfg)
     assert again.reused and again.written == 0
+
+    # The job as a process with four sampler actors, its driver SIGKILLed once the first file is written.
+    args = ["--config", "configs/tiny.yaml", *overrides, "generate.name=killed"]
+    args += ["generate.sampler.size=4", "generate.sampler.num_cpus=0.25"]
+    killed_dir = first.out_dir.parent / "killed"
+    job = JobProcess("generate.py", args)
+    job.wait_for(lambda _: any((killed_dir / TABLE_DIR).glob("*.parquet")), timeout_s=300)
+    assert job.interrupt(signal.SIGKILL) == -signal.SIGKILL
+    assert not (killed_dir / DONE).exists(), f"the job ended before it was killed:\n{job.output()[-2000:]}"
+    rerun = JobProcess("generate.py", args)
+    assert rerun.process.wait(300) == 0, rerun.output()[-3000:]
+    made = re.search(r"(\d+) of 24 images already written; (\d+) to make", rerun.output())
+    assert made is not None and int(made.group(2)) > 0, rerun.output()[-3000:]  # it resumed mid-way
+    killed = _table(killed_dir)
+    got = killed.column("sample_id").to_pylist()
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got))  # no gaps, no duplicates
+    assert dict(zip(got, killed.column("image").to_pylist())) == images  # bytes equal
+    resumed_fd = _fd(json.loads((killed_dir / "summary.json").read_text()))
+    assert resumed_fd.keys() == _fd(summary).keys()
+    for key, value in _fd(summary).items():  # 1 vs 4 actors, other files: the merge does not care
+        assert resumed_fd[key] == pytest.approx(value, rel=1e-3, abs=1e-9), key
 
     # An interrupted run: the done-marker never written, one file lost and one truncated mid-write.
     (first.out_dir / DONE).unlink()
@@ -70,10 +112,10 @@ def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Pa
     files[0].unlink()
     files[1].write_bytes(files[1].read_bytes()[:100])
     left = set(complete_ids(first.out_dir / TABLE_DIR))
-    assert len(left) < 12 and not files[1].exists()  # the truncated file is removed
+    assert len(left) < 24 and not files[1].exists()  # the truncated file is removed
     resumed = generate_experiment(cfg)
-    assert resumed.written == 12 - len(left)
+    assert resumed.written == 24 - len(left)
     table = _table(first.out_dir)
     ids2 = table.column("sample_id").to_pylist()
-    assert sorted(ids2) == sorted(ids) and len(ids2) == len(set(ids2))  # no gaps, no duplicates
-    assert dict(zip(ids2, table.column("image").to_pylist())) == images  # bytes equal
+    assert sorted(ids2) == sorted(ids) and len(ids2) == len(set(ids2))
+    assert dict(zip(ids2, table.column("image").to_pylist())) == images

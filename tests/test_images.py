@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from vgmedgen.model.configbase import ConfigError
-from vgmedgen.platform.evaluation.generate import GeneratedSet, PromptRows, write_synthetic_records
 from vgmedgen.platform.images import (
     DESCRIPTION,
     SOFTWARE,
@@ -78,35 +76,6 @@ def test_real_records_carry_no_provenance_and_synthetic_ones_do() -> None:
     buf = io.BytesIO()
     Image.fromarray(RGB, mode="RGB").save(buf, format="PNG", compress_level=1)
     assert real == buf.getvalue()
-
-
-def test_synthetic_records_image_and_mask_bytes_carry_provenance(tmp_path: Path) -> None:
-    n, size = 2, 8
-    rows = PromptRows(
-        ids=["r0", "r1"],
-        anatomy=["a small lesion", "a large lesion"],
-        style=["pink", "black"],
-        labels=["nv", "mel"],
-        attributes=[{}, {}],
-        masks=torch.zeros(n, 1, size, size),
-        has_mask=torch.ones(n, dtype=torch.bool),
-    )
-    gen = GeneratedSet(
-        torch.full((n, 3, size, size), 128, dtype=torch.uint8),
-        torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0)),
-        rows.anatomy,
-        rows.style,
-        [11, 12],
-    )
-    out = write_synthetic_records(gen, rows, tmp_path / "syn", dataset="synthderm", origin="v1")
-    table = pq.read_table(out)
-    for i, (image, mask) in enumerate(
-        zip(table.column("image").to_pylist(), table.column("mask").to_pylist())
-    ):
-        got = read_provenance(image)
-        assert got["synthetic"] == "true" and got["model_version"] == "v1" and got["seed"] == str(11 + i)
-        assert got["anatomy_prompt"] == rows.anatomy[i] and got["kind"] == "image"
-        assert read_provenance(mask)["kind"] == "pseudo-mask"
 
 
 def test_grids_carry_the_provenance_they_are_given(tmp_path: Path) -> None:

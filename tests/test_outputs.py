@@ -20,7 +20,6 @@ from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.config import load_experiment
 from vgmedgen.platform.datasets.synthderm import synthderm_record
-from vgmedgen.platform.evaluation.generate import GeneratedSet, PromptRows, write_synthetic_records
 from vgmedgen.platform.generation.config import GenerateConfig
 from vgmedgen.platform.generation.outputs import (
     PSEUDO_MASK,
@@ -216,6 +215,8 @@ def test_records_hold_the_accepted_rows_flagged_synthetic_and_feed_a_classifier(
     real = tmp_path / "real"
     real.mkdir()
     pq.write_table(records_to_table(real_records(16)), real / "part-00000.parquet")
+    with pytest.raises(ConfigError, match="never enter val or test"):  # real rows passed as synthetic
+        load_labelled(real, "train", heads, synthetic_only=True)
     spec = ClassifierSpec(
         net=domain_net_config("tiny", num_classes=len(LABELS), input_size=SIZE),
         heads=heads,
@@ -260,61 +261,11 @@ def test_part_files_whose_all_null_columns_have_the_null_type_read_as_one_table(
     assert (summary["accepted"], summary["rejected"], summary["reasons"]) == (
         4,
         4,
-        {"confidence below 0.5": 4},
+        {"confidence": 4},
     )
     assert (
         read_records(write_accepted_records(table_dir, tmp_path / "rec", dataset="synthderm")).num_rows == 4
     )
-
-
-def test_evaluation_writer_records_keep_their_content(tmp_path: Path) -> None:
-    """write_synthetic_records (the in-process path) now builds its rows with synthetic_record; each
-    column keeps what it held before."""
-    n = 5
-    g = torch.Generator().manual_seed(0)
-    attributes = [{"area_bin": "small", "mask_source": "dataset", "phash": f"{i:04x}"} for i in range(n)]
-    rows = PromptRows(
-        [f"real-{i}" for i in range(n)],
-        [f"anatomy {i}" for i in range(n)],
-        [f"style {i}" for i in range(n)],
-        ["mel", "nv", "mel", "bcc", "nv"],
-        attributes,
-        torch.zeros(n, 1, SIZE, SIZE),
-        torch.zeros(n, dtype=torch.bool),
-    )
-    images = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
-    masks = torch.rand(n, 1, SIZE, SIZE, generator=g)
-    gen = GeneratedSet(images, masks, rows.anatomy, rows.style, [40 + i for i in range(n)])
-    out = write_synthetic_records(gen, rows, tmp_path / "syn", dataset="synthderm", origin="v9")
-    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet"]
-    got = read_records(out).to_pylist()
-    assert len(got) == n
-    for i, rec in enumerate(got):
-        rid = f"synthetic-v9-{i:06d}"
-        expected = {
-            "id": rid,
-            "dataset": "synthderm",
-            "split": "train",
-            "group": rid,
-            "label": rows.labels[i],
-            "caption": f"anatomy {i}; style {i}",
-            "anatomy_text": f"anatomy {i}",
-            "style_text": f"style {i}",
-            "source": f"{SYNTHETIC_SOURCE}v9/{i}",
-        }
-        assert {k: rec[k] for k in expected} == expected
-        # the real record's attributes first, then the flag, the source record and the seed, in that order
-        attrs = json.loads(rec["attributes"])
-        assert list(attrs) == [*attributes[i], "synthetic", "from_record", "seed"]
-        assert attrs == {**attributes[i], "synthetic": True, "from_record": f"real-{i}", "seed": 40 + i}
-        assert np.array_equal(decode_png(rec["image"]), images[i].permute(1, 2, 0).numpy())
-        assert np.array_equal(
-            decode_png(rec["mask"], "L"), (masks[i, 0] > 0.5).numpy().astype(np.uint8) * 255
-        )
-        fields = {"model_version": "v9", "seed": str(40 + i), "record": rid}
-        fields |= {"anatomy_prompt": f"anatomy {i}", "style_prompt": f"style {i}"}
-        assert read_provenance(rec["image"]) == {"synthetic": "true", **fields, "kind": "image"}
-        assert read_provenance(rec["mask"]) == {"synthetic": "true", **fields, "kind": "pseudo-mask"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,8 +404,13 @@ def test_summary_counts_and_write_outputs(table, tmp_path: Path) -> None:
             "accepted": sum(r["accepted"] for r in members),
             "rejected": sum(not r["accepted"] for r in members),
         }
-    reasons = Counter(part for r in rows if r["reason"] for part in r["reason"].split("; "))
+    reasons = Counter(part.split(" ")[0] for r in rows if r["reason"] for part in r["reason"].split("; "))
     assert summary["reasons"] == dict(reasons) and len(reasons) > 1
+    assert set(summary["reasons"]) == {"memorised", "confidence", "lesion_area"}
+    per_class = {
+        k: sum(v.get(kind, 0) for v in summary["class_reasons"].values()) for kind in reasons for k in [kind]
+    }
+    assert per_class == dict(reasons)
     assert sum(v["accepted"] for v in summary["policies"].values()) == accepted
 
     config = GenerateConfig(export="imagefolder", contact_sheet_tiles=2)

@@ -31,6 +31,7 @@ from vgmedgen.platform.generation.plan import (  # noqa: E402
     plan_key,
     plan_requests,
     plan_summary,
+    proportional_counts,
     read_plan,
     write_plan,
 )
@@ -477,3 +478,13 @@ def test_a_row_alone_makes_the_image_it_makes_in_any_batch(root: Path, tmp_path:
     print(f"max pixel difference against one batch of {n}: {diffs} (8-bit levels)")
     assert max(diffs.values()) <= 1, diffs
     assert len({a.tobytes() for a in whole}) == n, "every row makes its own image"
+
+
+def test_proportional_counts_follow_the_class_mix_and_sum_to_the_total() -> None:
+    labels = ["nv"] * 67 + ["mel"] * 11 + ["bcc"] * 5 + ["akiec"] * 1
+    counts = proportional_counts(labels, 20)
+    assert sum(counts.values()) == 20 and counts == {"bcc": 1, "mel": 3, "nv": 16}  # akiec gets none
+    assert proportional_counts(labels, 84) == dict(sorted(Counter(labels).items()))
+    assert proportional_counts(["a", "b"], 3) == {"a": 2, "b": 1}  # a tie goes by name
+    with pytest.raises(PlanError, match="at least one"):
+        proportional_counts(labels, 0)

@@ -326,3 +326,10 @@ def test_assets_build_trains_the_evaluate_domain_net_once_and_reuses_it(
     assert assets.train_features.shape[0] == n_train and np.isfinite(assets.test_nn).all()
     ref = assets.reference.summaries["domain"][ALL_CLASSES]
     assert ref.count == len(prompt_rows(cfg.records_dir, cfg.evaluate.reference_split))
+    # cached: computed once per key under the root, then loaded as it is
+    first = ScorerAssets.cached(cfg, output_root / "cache")
+    stamp = (first.directory / "assets.json").stat().st_mtime_ns
+    second = ScorerAssets.cached(cfg, output_root / "cache")
+    assert second.directory == first.directory and first.directory.parent == output_root / "cache"
+    assert (second.directory / "assets.json").stat().st_mtime_ns == stamp
+    assert np.array_equal(second.train_features, assets.train_features)

@@ -12,8 +12,7 @@ Names:
 - evaluation networks ``<net>-<hash12>`` (:func:`net_run_name`): the spec plus its records' part files;
 - the train job's MLflow parent run ``<experiment>-job-<hash12>`` (:func:`job_key`);
 - model versions, by content (:func:`version_name`), and the built text encoder (:func:`encoder_name`);
-- records (:func:`records_key`, and :func:`records_fingerprint` of their part files), low-data subsets (:func:`subset_name`) and synthetic sets
-  (:func:`synthetic_set_name`);
+- records (:func:`records_key`, and :func:`records_fingerprint` of their part files), and low-data subsets (:func:`subset_name`);
 - sweep trials ``<sweep>-trial-<hash12>`` (:func:`trial_name`), from the overrides a trial applies;
 - generation plans ``<model id>-plan-<hash12>`` (:func:`plan_name`) and their shards
   ``<plan>-shard-<index>-of-<count>`` (:func:`shard_name`), which sort in index order.
@@ -49,7 +48,6 @@ __all__ = [
     "stage_identity",
     "stage_run_name",
     "subset_name",
-    "synthetic_set_name",
     "trial_name",
     "version_name",
     "write_done",
@@ -179,11 +177,6 @@ def subset_name(records_dir: str | Path, per_class: int, seed: int) -> str:
     """A low-data subset of a records directory: ``per_class`` train rows per class drawn with ``seed``."""
     files = sorted(p.name for p in Path(records_dir).glob("*.parquet"))
     return f"lowdata-{per_class}-{seed}-{stable_hash(files)}"
-
-
-def synthetic_set_name(origin: str, plan: str, identity: Any) -> str:
-    """A set of synthetic records: where its prompts came from, its plan, and everything that drew it."""
-    return f"{origin}-{plan}-{stable_hash(identity)}"
 
 
 def trial_name(sweep: str, overrides: Mapping[str, Any]) -> str:

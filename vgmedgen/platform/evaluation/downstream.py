@@ -1,9 +1,10 @@
 """The downstream augmentation benchmark: a classifier (or segmenter) on real data versus real plus synthetic.
 
 For every plan (``balance``: fill each class up to the largest; ``x0.5``/``x1``/``x2``: add that
-multiple of the real train split, in its class mix) synthetic rows are generated from prompts of
+multiple of each class of the real train split) the generation pipeline (the ``balance`` and
+``multiply`` policies of :mod:`vgmedgen.platform.generation.plan`) makes synthetic rows from prompts of
 *training* records only (the row's label is its source record's label; segmentation rows get the
-stage-1 pseudo-mask), written as train-split records flagged ``synthetic://``, and added to the
+stage-1 pseudo-mask) and writes them as train-split records flagged ``synthetic://``, added to the
 train split only. Each (plan, seed) trains through the shared loop (``fit_classifier``) in its own
 Ray task, so seeds and plans run in parallel where the cluster has CPUs, and is scored on the real
 test split: balanced accuracy, macro-F1 and per-class recall (classification), Dice and IoU
@@ -25,9 +26,10 @@ from tqdm.auto import tqdm
 
 from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.evaluation.config import DownstreamConfig
-from vgmedgen.platform.evaluation.generate import PromptRows, generate, prompt_rows, write_synthetic_records
+from vgmedgen.platform.evaluation.generate import PromptRows, prompt_rows
+from vgmedgen.platform.generation.outputs import RECORDS_DIR
 from vgmedgen.platform.records import read_records
-from vgmedgen.platform.runs import subset_name, synthetic_set_name
+from vgmedgen.platform.runs import subset_name
 from vgmedgen.platform.storage import atomic_directory
 from vgmedgen.platform.training.classify import (
     ClassifierSpec,
@@ -40,7 +42,7 @@ from vgmedgen.platform.training.classify import (
     segment,
 )
 
-__all__ = ["DownstreamResult", "plan_draws", "run_downstream", "subset_records"]
+__all__ = ["DownstreamResult", "plan_policy", "run_downstream", "subset_records"]
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +64,16 @@ def subset_records(records_dir: Path, per_class: int, seed: int, out_root: Path)
     return out
 
 
-def plan_draws(labels: list[str], plan: str, seed: int) -> np.ndarray:
-    """Indices of the training rows whose prompts (and labels) the synthetic rows of ``plan`` use.
-
-    ``balance`` draws, for every class, as many rows of that class as it lacks to match the largest
-    class; ``xk`` draws ``round(k * N)`` rows uniformly (the real class mix). Draws are seeded and
-    with replacement (a prompt may serve several seeds of the sampler).
-    """
-    rng = np.random.default_rng([seed, 23, int(plan == "balance")])
-    lab = np.array(labels)
+def plan_policy(plan: str) -> dict[str, Any]:
+    """The generation policy of a downstream plan: ``balance`` -> ``{balance: {}}``, ``xK`` -> ``{multiply: K}``."""
     if plan == "balance":
-        counts = Counter(labels)
-        top = max(counts.values())
-        parts = [
-            rng.choice(np.flatnonzero(lab == c), size=top - n) for c, n in sorted(counts.items()) if n < top
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    if not plan.startswith("x"):
-        raise ValueError(f"unknown plan {plan!r}")
-    k = float(plan[1:])
-    return rng.choice(len(labels), size=int(round(k * len(labels))))
+        return {"balance": {}}
+    if plan.startswith("x"):
+        try:
+            return {"multiply": float(plan[1:])}
+        except ValueError:
+            pass
+    raise ValueError(f"unknown downstream plan {plan!r}; use balance or xK (x0.5, x1, x2)")
 
 
 @dataclass
@@ -163,23 +155,34 @@ def _gather(ray: Any, refs: list[Any], *, desc: str) -> list[Any]:
 
 
 def run_downstream(
-    cfg: DownstreamConfig,
-    model,
+    exp: Any,
+    model_ref: Any,
     records_dir: Path,
     storage: Path,
     *,
-    dataset: str,
-    origin: str,
     seed: int,
-    resolution: int,
     sampler=None,
     batch_size: int = 64,
+    address: str | None = None,
 ) -> DownstreamResult:
-    """Generate the plans' synthetic rows, train every (plan, seed) on Ray, score on the real test split."""
+    """Generate the plans' synthetic rows through the generation pipeline, train every (plan, seed) on Ray,
+    score on the real test split.
+
+    Args:
+        exp: the experiment (its ``evaluate.downstream`` section, and the ``generate`` section's actor
+            options for the synthetic sets).
+        model_ref: the resolved model version that makes the synthetic rows.
+        records_dir: the real records.
+        storage: where the low-data subset and the runs go.
+        seed: the seed of the subset and of every synthetic set.
+    """
     import time
 
     import ray
 
+    from vgmedgen.platform.generation.job import run_generation, set_config
+
+    cfg: DownstreamConfig = exp.evaluate.downstream
     t0 = time.perf_counter()
     if cfg.real_per_class is not None:
         records_dir = subset_records(records_dir, cfg.real_per_class, seed, storage)
@@ -197,43 +200,27 @@ def run_downstream(
             f"downstream.task=classification needs >= 2 labels, the train split of {records_dir} has {list(classes)}; "
             "use downstream.task=segmentation"
         )
-    synthetic: dict[str, Path | None] = {"real": None}
+    synthetic: dict[str, tuple[Path, int] | None] = {"real": None}
     for plan in cfg.plans:
-        draws = plan_draws(rows.labels, plan, seed)
-        if len(draws) == 0:
+        if plan == "balance" and len(set(Counter(rows.labels).values())) == 1:
             log.warning("plan %s adds no synthetic rows (the classes are already balanced); skipped", plan)
             continue
-        out = (
-            storage
-            / "synthetic"
-            / synthetic_set_name(
-                origin, plan, [records_dir.name, seed, draws.tolist(), sampler and sampler.model_dump()]
-            )
-        )
-        if not (out / "part-00000.parquet").is_file():
-            picked = rows.take(draws)
-            seeds = [seed * 7_919 + i for i in range(len(draws))]
-            gen = generate(
-                model,
-                picked.anatomy,
-                picked.style,
-                seeds,
-                sampler=sampler,
-                batch_size=batch_size,
-                desc=f"synthetic rows ({plan})",
-            )
-            write_synthetic_records(gen, picked, out, dataset=dataset, origin=origin)
-        synthetic[plan] = out
+        print(f"[downstream] synthetic rows of plan {plan} ...", flush=True)
+        gen_cfg = set_config(exp, [plan_policy(plan)], seed=seed, sampler=sampler, batch_size=batch_size)
+        outcome = run_generation(gen_cfg, model_ref, address=address, records_dir=records_dir)
+        synthetic[plan] = (outcome.out_dir / RECORDS_DIR, int(outcome.summary["accepted"]))
     if task == "classification":
-        net = domain_net_config(cfg.net, kind="classifier", num_classes=len(classes), input_size=resolution)
+        net = domain_net_config(
+            cfg.net, kind="classifier", num_classes=len(classes), input_size=exp.data.resolution
+        )
         heads: tuple[HeadSpec, ...] = (HeadSpec(name="label", classes=classes, source="label"),)
     else:
-        net = domain_net_config(cfg.net, kind="segmentation", num_classes=1, input_size=resolution)
+        net = domain_net_config(cfg.net, kind="segmentation", num_classes=1, input_size=exp.data.resolution)
         heads = ()
     fit = ray.remote(num_cpus=cfg.cpus_per_run, max_retries=1)(_fit_and_score)
     jobs, meta = [], []
-    for plan, extra in synthetic.items():
-        n_syn = 0 if extra is None else pq.read_metadata(extra / "part-00000.parquet").num_rows
+    for plan, made in synthetic.items():
+        extra, n_syn = (None, 0) if made is None else made
         for s in cfg.seeds:
             spec = ClassifierSpec(
                 net=net,

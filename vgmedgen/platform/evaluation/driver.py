@@ -5,7 +5,8 @@ Steps, each reusing earlier work where its inputs are unchanged:
 1. the records (prepared if missing) and the model version (a directory or ``name@alias``);
 2. the domain extractor: a classifier on the labels of the real train split, or for a single-class
    dataset a segmentation U-Net on its masks, trained through the shared loop on Ray Train;
-3. ``num_images`` generated images from prompts of training records (or the given folder);
+3. ``num_images`` generated images from prompts of training records, in their class mix, made by the
+   generation pipeline (:mod:`vgmedgen.platform.generation.job`; or the given folder);
 4. domain FD/KD (HFD, KFD, ...) and, with the Inception weights, FID/KID, each beside its floor
    (real train vs real test at the same N); memorisation in domain features;
 5. anatomy adherence of the generated images (their pseudo-masks against the size and position that
@@ -25,6 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from vgmedgen.platform.evaluation.control import (
     train_judges,
 )
 from vgmedgen.platform.evaluation.downstream import run_downstream
-from vgmedgen.platform.evaluation.generate import generate, load_image_folder, prompt_rows
+from vgmedgen.platform.evaluation.generate import load_image_folder, prompt_rows
 from vgmedgen.platform.metrics.fidelity import (
     check_inception_weights,
     compute_distances,
@@ -54,7 +56,7 @@ from vgmedgen.platform.metrics.memorisation import memorisation_share
 from vgmedgen.platform.metrics.report import EvaluationReport, distance_rows, write_report
 from vgmedgen.platform.metrics.stats import FeatureSummary
 from vgmedgen.platform.modelcard import record_measurements
-from vgmedgen.platform.records import decode_images, read_split
+from vgmedgen.platform.records import decode_images, decode_masks, read_split
 from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, fit_classifier
 
 __all__ = ["EvaluationOutcome", "evaluate_experiment"]
@@ -98,6 +100,46 @@ def domain_extractor(cfg: ExperimentConfig, storage: Path):
         net=net, heads=heads, records_dir=cfg.records_dir, train=ev.domain_train, seed=cfg.seed
     )
     return fit_classifier(spec, storage / "nets", f"domain-{kind}", ev.scaling), kind
+
+
+def generated_set(
+    cfg: ExperimentConfig, model: Any, model_ref: Any, train_rows: Any, *, address: str | None
+) -> tuple[torch.Tensor, torch.Tensor, list[dict], dict[str, Any]]:
+    """The evaluate job's generated set, made by the generation pipeline: ``evaluate.num_images`` images
+    in the train split's class mix (``per_class``), prompts from train records, seeds from
+    ``evaluate.seed``; reused when the same set was made before.
+
+    Returns:
+        uint8 images (N, 3, H, W), pseudo-masks (N, 1, H, W) float {0, 1}, the attributes of the train
+        record each row's prompts came from, and the plan's seeds, prompts and output directory.
+    """
+    from vgmedgen.platform.generation.job import (
+        check_plan_sampler,
+        read_generated,
+        run_generation,
+        set_config,
+    )
+    from vgmedgen.platform.generation.plan import proportional_counts
+
+    ev = cfg.evaluate
+    check_plan_sampler(ev.sampler, model.config.sampler, "evaluate.sampler")
+    policies = [{"per_class": proportional_counts(train_rows.labels, ev.num_images)}]
+    gen_cfg = set_config(cfg, policies, seed=ev.seed, sampler=ev.sampler, batch_size=ev.batch_size)
+    outcome = run_generation(gen_cfg, model_ref, address=address)
+    table = read_generated(
+        outcome.out_dir, ["source_id", "seed", "anatomy_prompt", "style_prompt", "image", "mask"]
+    )
+    images = torch.from_numpy(decode_images(table.column("image").to_pylist())).permute(0, 3, 1, 2)
+    masks, _ = decode_masks(table.column("mask").to_pylist())
+    by_id = dict(zip(train_rows.ids, train_rows.attributes))
+    attributes = [by_id[s] for s in table.column("source_id").to_pylist()]
+    plan = {
+        "out_dir": str(outcome.out_dir),
+        "seeds": table.column("seed").to_pylist(),
+        "anatomy": table.column("anatomy_prompt").to_pylist(),
+        "style": table.column("style_prompt").to_pylist(),
+    }
+    return images.contiguous(), torch.from_numpy(masks).float().unsqueeze(1), attributes, plan
 
 
 def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) -> EvaluationOutcome:
@@ -156,20 +198,16 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
         domain, domain_kind = domain_extractor(cfg, storage)
         scalars.update({f"domain_net/val_{k}": float(v) for k, v in domain.metrics.items()})
 
-        # -- the generated set ----------------------------------------------------------------------
+        # -- the generated set: through the generation pipeline (Ray Data), in the train split's class mix
         train_rows = prompt_rows(cfg.records_dir, "train")
         gen_masks = None
         if model is not None:
-            rng = np.random.default_rng([ev.seed, 11])
-            idx = rng.choice(len(train_rows), size=ev.num_images, replace=ev.num_images > len(train_rows))
-            picked = train_rows.take(idx)
-            seeds = [ev.seed * 1_000_003 + i for i in range(ev.num_images)]
-            gen = generate(
-                model, picked.anatomy, picked.style, seeds, sampler=ev.sampler, batch_size=ev.batch_size
+            print(f"[evaluate] generating {ev.num_images} images ...", flush=True)
+            gen_images, gen_masks, gen_attributes, gen_plan = generated_set(
+                cfg, model, model_ref, train_rows, address=address
             )
-            gen_images, gen_masks = gen.images, gen.masks
             adherence = anatomy_adherence(
-                gen_masks, picked.attributes, vocabulary=prompt_vocabulary(cfg.data.dataset)
+                gen_masks, gen_attributes, vocabulary=prompt_vocabulary(cfg.data.dataset)
             )
             scalars.update(adherence)
         else:
@@ -288,16 +326,14 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
         elif ev.downstream.enabled:
             print("[evaluate] downstream benchmark ...", flush=True)
             down = run_downstream(
-                ev.downstream,
-                model,
+                cfg,
+                model_ref,
                 cfg.records_dir,
                 storage / "downstream",
-                dataset=cfg.data.dataset,
-                origin=tag,
                 seed=ev.seed,
-                resolution=cfg.data.resolution,
                 sampler=ev.sampler,
                 batch_size=ev.batch_size,
+                address=address,
             )
             scalars.update(down.scalars())
             scalars["downstream/seconds"] = down.seconds
@@ -328,9 +364,10 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
             shown = provenance_fields(
                 model_version=model_ref.id if model_ref is not None else None,
                 kind="evaluation samples",
-                seeds=seeds[:32],
-                anatomy_prompts=list(picked.anatomy[:32]),
-                style_prompts=list(picked.style[:32]),
+                generation=gen_plan["out_dir"],
+                seeds=gen_plan["seeds"][:32],
+                anatomy_prompts=gen_plan["anatomy"][:32],
+                style_prompts=gen_plan["style"][:32],
                 sampler=(ev.sampler or model.config.sampler).model_dump(),
             )
             paths["samples_png"] = save_grid(

@@ -1,4 +1,8 @@
-"""Generated sets for evaluation: prompts drawn from training records, images, pseudo-masks, synthetic records.
+"""In-process generation for the controllability check: prompts drawn from records, images, pseudo-masks.
+
+The evaluate job's generated set and the downstream benchmark's synthetic rows are made by the generation
+pipeline (:mod:`vgmedgen.platform.generation.job`); this module keeps the prompt rows they read and the
+small in-process sampler loop of the controllability check (matched and swapped prompt pairs).
 
 Prompts (and so labels and requested factors) only ever come from the train split: the test split
 is what generated images are compared with, and a synthetic row must not carry a test image's
@@ -19,9 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vgmedgen.model.sampler import SamplerConfig
-from vgmedgen.platform.generation.outputs import synthetic_record, write_record_batches
-from vgmedgen.platform.images import provenance_fields
-from vgmedgen.platform.records import SYNTHETIC_SOURCE, decode_masks, decode_png, encode_png, read_split
+from vgmedgen.platform.records import decode_masks, decode_png, read_split
 
 __all__ = [
     "GeneratedSet",
@@ -29,7 +31,6 @@ __all__ = [
     "generate",
     "load_image_folder",
     "prompt_rows",
-    "write_synthetic_records",
 ]
 
 
@@ -141,52 +142,3 @@ def load_image_folder(folder: Path, limit: int | None = None) -> torch.Tensor:
             f"the images in {folder} differ in size ({sorted(shapes)[:3]}); resize them to one size"
         )
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def write_synthetic_records(
-    gen: GeneratedSet, rows: PromptRows, out_dir: Path, *, dataset: str, origin: str
-) -> Path:
-    """Write a generated set as train-split records flagged synthetic (``source = synthetic://...``).
-
-    Args:
-        gen: the images; row i was generated from ``rows`` row i (its prompts and label).
-        rows: the training rows the prompts came from.
-        out_dir: the records directory to write (replaced atomically).
-        origin: the model version (names the source).
-
-    The image and mask bytes carry provenance (:mod:`vgmedgen.platform.images`): synthetic, the
-    model version, seed and prompts.
-    """
-
-    def provenance(i: int, kind: str) -> dict[str, str]:
-        # The bytes say they are synthetic even once copied out of the records.
-        return provenance_fields(
-            model_version=origin,
-            seed=gen.seeds[i],
-            anatomy_prompt=gen.anatomy[i],
-            style_prompt=gen.style[i],
-            record=f"synthetic-{origin}-{i:06d}",
-            kind=kind,
-        )
-
-    def record(i: int) -> dict:
-        rid = f"synthetic-{origin}-{i:06d}"
-        return synthetic_record(
-            record_id=rid,
-            dataset=dataset,
-            label=rows.labels[i],
-            image=encode_png(gen.images[i].permute(1, 2, 0).numpy(), provenance(i, "image")),
-            mask=encode_png(
-                ((gen.masks[i, 0] > 0.5).numpy() * 255).astype(np.uint8), provenance(i, "pseudo-mask")
-            ),
-            caption=f"{gen.anatomy[i]}; {gen.style[i]}",
-            anatomy_text=gen.anatomy[i],
-            style_text=gen.style[i],
-            source=f"{SYNTHETIC_SOURCE}{origin}/{i}",
-            attributes={"from_record": rows.ids[i], "seed": gen.seeds[i]},
-            inherited=rows.attributes[i],
-        )
-
-    out_dir = Path(out_dir)
-    write_record_batches([(record(i) for i in range(len(gen)))], out_dir)
-    return out_dir

@@ -21,6 +21,7 @@ Shape legend: N images, H/W image size.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +35,21 @@ from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.runs import read_done, write_done
 
-__all__ = ["GenerationOutcome", "SamplerActor", "ScorerActor", "complete_ids", "generate_experiment"]
+__all__ = [
+    "GenerationOutcome",
+    "SamplerActor",
+    "ScorerActor",
+    "complete_ids",
+    "generate_experiment",
+    "check_plan_sampler",
+    "read_generated",
+    "run_generation",
+    "set_config",
+]
 
 TABLE_DIR = "table"
 PLAN_FILE = "plan.parquet"
-ASSETS_DIR = "scorer_assets"
-STATS_FILE = "statistics.json"
+ASSETS_DIR = "_scorer_assets"
 
 
 def _threads(threads: int | None, num_cpus: float) -> None:
@@ -63,9 +73,10 @@ class SamplerActor:
         num_cpus: float = 1.0,
     ) -> None:
         from vgmedgen.platform.generation.sample import load_model
+        from vgmedgen.platform.metrics.fidelity import resolve_device
 
         _threads(threads, num_cpus)
-        self.model = load_model(model_dir, device="cuda" if device == "cuda" else "cpu").eval()
+        self.model = load_model(model_dir, device=resolve_device(device)).eval()
         self.model_id = model_id
         self.plan_path = plan_path
         self.done = set(done_ids)
@@ -112,7 +123,7 @@ class ScorerActor:
         from vgmedgen.platform.generation.score import Scorer
 
         _threads(threads, num_cpus)
-        self.scorer = Scorer(assets_dir, filters, device="cuda" if device == "cuda" else "cpu")
+        self.scorer = Scorer(assets_dir, filters, device=device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from vgmedgen.platform.generation.score import SCORER_SCHEMA, scored_to_arrow
@@ -152,7 +163,7 @@ def _dedupe(table_dir: Path) -> int:
         seen.update(ids)
         if len(keep) < len(ids):
             removed += len(ids) - len(keep)
-            tmp = f.with_suffix(".tmp")
+            tmp = f.with_name(f".{f.name}.tmp")  # dot-named: no reader of the table takes it for a part
             pq.write_table(table.take(keep), tmp)
             tmp.replace(f)
     return removed
@@ -197,14 +208,13 @@ def _statistics(table_dir: Path, assets: Any, cfg: ExperimentConfig) -> list[dic
     )
 
 
-def generate_experiment(cfg: ExperimentConfig, *, address: str | None = None) -> GenerationOutcome:
-    """Run the generation job of ``cfg.generate`` (see the module docstring); resumable, exactly once."""
-    from vgmedgen.platform.cluster import connect
-    from vgmedgen.platform.generation.plan import build_plan, plan_key
-    from vgmedgen.platform.prepare import prepare_records
-    from vgmedgen.platform.tracking import Tracker, resolve_model
+def generate_experiment(
+    cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False
+) -> GenerationOutcome:
+    """Run the generation job of ``cfg.generate`` (see the module docstring); resumable, exactly once.
+    ``fresh`` removes the generation's directory first (``--fresh``): every image is made again."""
+    from vgmedgen.platform.tracking import Tracker, open_run, resolve_model
 
-    t0 = time.perf_counter()
     gen = cfg.generate
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     model = gen.model
@@ -215,44 +225,182 @@ def generate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
             )
         model = f"{tracker.model_name}@{cfg.tracking.alias}"
     ref = resolve_model(model, cfg, tracker=tracker)
-    connect(address)
-    prepare_records(cfg, address=address)
-    plan = build_plan(cfg, ref.id)
-    key = plan_key(plan)
-    out_dir = cfg.root / "generated" / cfg.name / (gen.name or key)
-    done = read_done(out_dir)
-    if done is not None:
-        print(f"[generate] {out_dir} is complete (plan {key}); nothing to write", flush=True)
-        return GenerationOutcome(out_dir, key, 0, time.perf_counter() - t0, done, reused=True)
-    from vgmedgen.platform.tracking import open_run
-
+    pending = _Pending.start(cfg, ref, address=address, fresh=fresh)
+    if pending.done is not None:
+        return pending.reused()
     # The generation's MLflow run, a child of the model version's training run when the store knows it;
     # it ends FINISHED, KILLED (interrupted) or FAILED with the job, and a resumed job reopens it.
     with open_run(
         tracker,
-        key=f"{cfg.name}-generate-{key}",
+        key=f"{cfg.name}-generate-{pending.key}",
         name=f"{cfg.name}-generate",
         parent_id=ref.run_id,
-        tags={"job": "generate", "model_version": ref.id, "plan": key},
+        tags={"job": "generate", "model_version": ref.id, "plan": pending.key},
     ) as run_id:
-        todo, summary = _generate(cfg, ref, plan, key, out_dir, address)
+        outcome = pending.run()
         if tracker is not None:
-            tracker.log_params(run_id, {"generate": cfg.generate.model_dump(mode="json"), "plan": key})
-            scalars = {
-                "generate/images": float(summary["rows"]),
-                "generate/accepted": float(summary["accepted"]),
-                "generate/rejected": float(summary["rejected"]),
-            }
-            rate = (summary.get("throughput") or {}).get("images_per_s")
-            if rate:
-                scalars["generate/images_per_s"] = float(rate)
-            for row in summary.get("distances", []):
-                if row.get("fd") is not None:
-                    scalars[f"generate/fd_{row['extractor']}_{row['class']}"] = float(row["fd"])
-            tracker.sink(run_id)([(0, scalars)])
-            tracker.log_artifact(run_id, out_dir / "summary.json", "generation")
-            tracker.log_artifacts(run_id, out_dir / "contact_sheets", "generation/contact_sheets")
-    return GenerationOutcome(out_dir, key, todo, time.perf_counter() - t0, summary)
+            _log_generation(tracker, run_id, cfg, outcome)
+    return outcome
+
+
+def run_generation(
+    cfg: ExperimentConfig, ref: Any, *, address: str | None = None, records_dir: Path | None = None
+) -> GenerationOutcome:
+    """The generation pipeline of ``cfg.generate`` for a resolved model version ``ref``, without an MLflow
+    run of its own: the evaluate job and the downstream benchmark make their sets through it.
+
+    Args:
+        records_dir: the records whose train split gives prompts and labels (default: the experiment's;
+            the downstream benchmark passes its low-data subset).
+    """
+    pending = _Pending.start(cfg, ref, address=address, records_dir=records_dir)
+    return pending.reused() if pending.done is not None else pending.run()
+
+
+def set_config(
+    cfg: ExperimentConfig,
+    policies: Sequence[Mapping[str, Any]],
+    *,
+    seed: int,
+    sampler: Any = None,
+    batch_size: int | None = None,
+) -> ExperimentConfig:
+    """``cfg`` with the generate section of a set another job makes through the pipeline (the evaluate
+    job's generated set, the downstream benchmark's synthetic rows): ``policies`` and ``seed``, no
+    filters (every image counts), no export, the output named by its plan; the experiment's actor
+    options, shard size and device.
+
+    Args:
+        sampler: a :class:`~vgmedgen.model.sampler.SamplerConfig` whose steps and guidance the plan rows
+            carry (None: the model version's own).
+        batch_size: images per sampler batch (capped at the shard size; None: the generate section's).
+    """
+    from vgmedgen.platform.generation.config import GenerateConfig
+
+    base = cfg.generate
+    fields = base.model_dump(mode="json", exclude={"model", "name", "filters", "export", "policies", "seed"})
+    fields.update(policies=[dict(p) for p in policies], seed=seed)
+    if batch_size is not None:
+        fields["batch_size"] = min(batch_size, base.shard_size)
+    if sampler is not None:
+        fields.update(
+            num_steps=sampler.num_steps,
+            guidance_anatomy=sampler.guidance_anatomy,
+            guidance_style=sampler.guidance_style,
+        )
+    return cfg.model_copy(update={"generate": GenerateConfig.model_validate(fields)})
+
+
+def check_plan_sampler(sampler: Any, model_sampler: Any, where: str) -> None:
+    """A plan row carries steps and guidance only; the solver settings are the model version's. Raise
+    ConfigError when ``sampler`` asks for other solver settings than ``model_sampler`` has."""
+    if sampler is None:
+        return
+    carried = {"num_steps", "guidance_anatomy", "guidance_style"}
+    differ = [
+        k for k, v in sampler.model_dump().items() if k not in carried and v != getattr(model_sampler, k)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{where} sets {', '.join(differ)}, which generated sets take from the model version "
+            f"({', '.join(f'{k}={getattr(model_sampler, k)!r}' for k in differ)}); remove them from {where}"
+        )
+
+
+def _log_generation(tracker: Any, run_id: str, cfg: ExperimentConfig, outcome: GenerationOutcome) -> None:
+    summary = outcome.summary
+    tracker.log_params(run_id, {"generate": cfg.generate.model_dump(mode="json"), "plan": outcome.plan})
+    scalars = {
+        "generate/images": float(summary["rows"]),
+        "generate/accepted": float(summary["accepted"]),
+        "generate/rejected": float(summary["rejected"]),
+    }
+    rate = (summary.get("throughput") or {}).get("images_per_s")
+    if rate:
+        scalars["generate/images_per_s"] = float(rate)
+    for row in summary.get("distances", []):
+        if row.get("fd") is not None:
+            # MLflow keys allow letters, digits and _-./ and spaces; a class name may hold anything else.
+            name = re.sub(r"[^A-Za-z0-9_\-./ ]", "_", f"generate/fd_{row['extractor']}_{row['class']}")
+            scalars[name] = float(row["fd"])
+    tracker.sink(run_id)([(0, scalars)])
+    tracker.log_artifact(run_id, outcome.out_dir / "summary.json", "generation")
+    tracker.log_artifacts(run_id, outcome.out_dir / "contact_sheets", "generation/contact_sheets")
+
+
+@dataclass
+class _Pending:
+    """A generation whose plan is built and written down, before any image."""
+
+    cfg: ExperimentConfig
+    ref: Any
+    plan: pa.Table
+    key: str
+    out_dir: Path
+    done: dict[str, Any] | None
+    address: str | None
+    t0: float
+
+    @classmethod
+    def start(
+        cls,
+        cfg: ExperimentConfig,
+        ref: Any,
+        *,
+        address: str | None,
+        records_dir: Path | None = None,
+        fresh: bool = False,
+    ) -> _Pending:
+        from vgmedgen.platform.cluster import connect
+        from vgmedgen.platform.generation.plan import build_plan, plan_key
+        from vgmedgen.platform.prepare import prepare_records
+
+        t0 = time.perf_counter()
+        connect(address)
+        prepare_records(cfg, address=address)
+        plan = build_plan(cfg, ref.id, records_dir=records_dir)
+        key = plan_key(plan)
+        out_dir = cfg.root / "generated" / cfg.name / (cfg.generate.name or key)
+        if fresh and out_dir.exists():
+            import shutil
+
+            print(f"[generate] --fresh: removing {out_dir}", flush=True)
+            shutil.rmtree(out_dir)
+        done = read_done(out_dir)
+        if done is not None and done.get("plan") != key:
+            raise ConfigError(
+                f"{out_dir} holds a finished generation of another plan ({done.get('plan')}, this config's is "
+                f"{key}); set generate.name to a new name or remove that directory"
+            )
+        return cls(cfg, ref, plan, key, out_dir, done, address, t0)
+
+    def reused(self) -> GenerationOutcome:
+        print(f"[generate] {self.out_dir} is complete (plan {self.key}); nothing to write", flush=True)
+        summary = json.loads((self.out_dir / "summary.json").read_text())
+        return GenerationOutcome(
+            self.out_dir, self.key, 0, time.perf_counter() - self.t0, summary, reused=True
+        )
+
+    def run(self) -> GenerationOutcome:
+        todo, summary = _generate(self.cfg, self.ref, self.plan, self.key, self.out_dir, self.address)
+        return GenerationOutcome(self.out_dir, self.key, todo, time.perf_counter() - self.t0, summary)
+
+
+def read_generated(out_dir: Path, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of a finished generation's table, one row per plan row, in plan order."""
+    from vgmedgen.platform.generation.plan import read_plan
+
+    order = read_plan(out_dir / PLAN_FILE).column("sample_id").to_pylist()
+    names = list(dict.fromkeys(["sample_id", *columns]))
+    table = pq.ParquetDataset(out_dir / TABLE_DIR).read(columns=names)
+    where = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+    missing = [sid for sid in order if sid not in where]
+    if missing:
+        raise FileNotFoundError(
+            f"{out_dir / TABLE_DIR} lacks {len(missing)} rows of its plan (e.g. {missing[0]}); "
+            "run the same generation again to finish it"
+        )
+    return table.take([where[sid] for sid in order]).select(list(columns))
 
 
 def plan_shard_ids(plan: pa.Table) -> dict[int, list[str]]:
@@ -275,12 +423,13 @@ def _generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_path = out_dir / PLAN_FILE
     if plan_path.is_file() and plan_key(read_plan(plan_path)) != key:
-        raise FileExistsError(
+        raise ConfigError(
             f"{out_dir} holds another plan; set generate.name to a new name or remove that directory"
         )
     write_plan(plan, plan_path)
     print(plan_summary(plan), flush=True)
-    assets = ScorerAssets.build(cfg, out_dir / ASSETS_DIR, address=address)
+    # The real data's side of scoring, shared by every generation of the experiment with the same inputs.
+    assets = ScorerAssets.cached(cfg, out_dir.parent / ASSETS_DIR, address=address)
 
     table_dir = out_dir / TABLE_DIR
     have = set(complete_ids(table_dir))

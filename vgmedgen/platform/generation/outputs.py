@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.generation.config import GenerateConfig
+from vgmedgen.platform.generation.filters import reason_kind
 from vgmedgen.platform.images import provenance_fields
 from vgmedgen.platform.records import (
     RECORD_SCHEMA,
@@ -199,7 +200,6 @@ def synthetic_record(
     caption: str,
     source: str,
     attributes: Mapping[str, Any],
-    inherited: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One canonical record of a generated image: train split, its own group, flagged synthetic.
 
@@ -212,8 +212,6 @@ def synthetic_record(
         anatomy_text, style_text, caption: the prompts it was generated from.
         source: ``synthetic://<model>/<which>``; anything else is refused.
         attributes: what the generation knows of the image (seed, source record, ...).
-        inherited: attributes borrowed from the real record whose prompts were used; written first, so
-            the generation's own ``attributes`` and ``synthetic: true`` take precedence.
 
     Returns:
         A dict of :data:`~vgmedgen.platform.records.RECORD_SCHEMA`'s columns (``attributes`` as JSON).
@@ -235,7 +233,7 @@ def synthetic_record(
         "caption": caption,
         "anatomy_text": anatomy_text,
         "style_text": style_text,
-        "attributes": json.dumps({**(inherited or {}), "synthetic": True, **attributes}),
+        "attributes": json.dumps({"synthetic": True, **attributes}),
         "source": source,
     }
 
@@ -588,13 +586,17 @@ def summarize_outputs(
 
     Returns:
         ``{"plan", "model_ids", "rows", "accepted", "rejected", "acceptance_rate", "classes": {class:
-        {"accepted", "rejected"}}, "policies": {policy: {...}}, "reasons": {reason: rows}, "throughput"}``.
-        A row rejected for several reasons counts once under each; ``throughput`` is the caller's
+        {"accepted", "rejected"}}, "policies": {policy: {...}}, "reasons": {filter: rows}, "class_reasons":
+        {class: {filter: rows}}, "throughput"}``. Reasons count by the filter that gave them
+        (:func:`~vgmedgen.platform.generation.filters.reason_kind`: ``confidence``, ``memorised``, a
+        property name), not by their text, which holds each row's numbers. A row rejected for several
+        reasons counts once under each; ``throughput`` is the caller's
         (images per second, seconds, actors, ...), copied as given.
     """
     classes: dict[str, Counter] = defaultdict(Counter)
     policies: dict[str, Counter] = defaultdict(Counter)
     reasons: Counter = Counter()
+    class_reasons: dict[str, Counter] = defaultdict(Counter)
     model_ids: set[str] = set()
     columns = ("label", "accepted", "reason", "policy", "model_id")
     for batch in iter_output_batches(table_dir, columns, batch_rows=batch_rows):
@@ -604,9 +606,13 @@ def summarize_outputs(
             policies[policy][key] += 1
             model_ids.add(model_id)
             if not accepted:
-                reasons.update(
-                    [r.strip() for r in (reason or "unspecified").split(REASON_SEPARATOR) if r.strip()]
-                )
+                kinds = [
+                    reason_kind(r.strip())
+                    for r in (reason or "unspecified").split(REASON_SEPARATOR)
+                    if r.strip()
+                ]
+                reasons.update(kinds)
+                class_reasons[_class_of(label)].update(kinds)
     accepted = sum(c["accepted"] for c in classes.values())
     rows = accepted + sum(c["rejected"] for c in classes.values())
 
@@ -623,6 +629,7 @@ def summarize_outputs(
         "classes": counts(classes),
         "policies": counts(policies),
         "reasons": dict(sorted(reasons.items())),
+        "class_reasons": {c: dict(sorted(v.items())) for c, v in sorted(class_reasons.items())},
         "throughput": dict(throughput or {}),
     }
 

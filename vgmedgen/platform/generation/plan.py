@@ -76,6 +76,7 @@ __all__ = [
     "PlanError",
     "build_plan",
     "plan_counts",
+    "proportional_counts",
     "plan_key",
     "plan_requests",
     "plan_summary",
@@ -447,7 +448,7 @@ def _build(gen: GenerateConfig, model_id: str, train: Callable[[], _Train]) -> p
     )
 
 
-def build_plan(cfg: ExperimentConfig, model_id: str) -> pa.Table:
+def build_plan(cfg: ExperimentConfig, model_id: str, *, records_dir: Path | None = None) -> pa.Table:
     """The generation plan of an experiment's generate section: one row per image, in policy order.
 
     Args:
@@ -455,6 +456,8 @@ def build_plan(cfg: ExperimentConfig, model_id: str) -> pa.Table:
             ``cfg.records_dir`` gives prompts and labels (read only when a policy needs it).
         model_id: the model version's content id (its manifest sha256), written into every row and
             hashed into every sample id.
+        records_dir: records to read the train split of instead of ``cfg.records_dir`` (the downstream
+            benchmark's low-data subset).
 
     Returns:
         A table of :data:`PLAN_SCHEMA`: ``policy`` is the policy's kind (``multiply``, ...), ``sample_id``
@@ -465,7 +468,25 @@ def build_plan(cfg: ExperimentConfig, model_id: str) -> pa.Table:
         PlanError: an unknown label, an unreadable or malformed prompts CSV (naming the line), a policy
             that yields no rows, or records that cannot be read.
     """
-    return _build(cfg.generate, model_id, lambda: _Train.read(cfg.records_dir))
+    return _build(cfg.generate, model_id, lambda: _Train.read(records_dir or cfg.records_dir))
+
+
+def proportional_counts(labels: Sequence[str], total: int) -> dict[str, int]:
+    """``total`` images split over the classes of ``labels`` in their proportions (largest remainder, ties
+    to the larger class, then by name); classes that get none are left out. The ``per_class`` policy of a
+    set that follows the train split's class mix (the evaluate job's generated set)."""
+    if total < 1:
+        raise PlanError(f"asked for {total} images; ask for at least one")
+    counts = Counter(labels)
+    if not counts:
+        raise PlanError("the train split has no rows to take a class mix from; re-run prepare")
+    n = sum(counts.values())
+    exact = {c: total * k / n for c, k in counts.items()}
+    out = {c: int(math.floor(v)) for c, v in exact.items()}
+    order = sorted(counts, key=lambda c: (-(exact[c] - out[c]), -counts[c], c))
+    for c in order[: total - sum(out.values())]:
+        out[c] += 1
+    return {c: k for c, k in sorted(out.items()) if k > 0}
 
 
 # -- reading, writing, naming -----------------------------------------------------------------------

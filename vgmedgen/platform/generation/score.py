@@ -409,16 +409,15 @@ class ScorerAssets:
             )
         return cls.load(out_dir)
 
-    @classmethod
-    def build(cls, cfg: Any, out_dir: Path, *, address: str | None = None) -> ScorerAssets:
-        """The driver step: train (or reuse) the evaluate job's domain network and save the assets of ``cfg``.
-
-        May start Ray (the domain network trains through the shared loop on Ray Train).
-        """
+    @staticmethod
+    def _inputs(cfg: Any, address: str | None) -> tuple[Any, Path | None, str]:
+        """The domain network (trained or reused), the Inception weights (or None) and a key of everything
+        the assets of ``cfg`` are computed from."""
         from vgmedgen.platform.cluster import connect
         from vgmedgen.platform.evaluation.driver import domain_extractor
         from vgmedgen.platform.metrics.fidelity import check_inception_weights
-        from vgmedgen.platform.records import decode_images, decode_masks, read_split
+        from vgmedgen.platform.runs import records_fingerprint
+        from vgmedgen.platform.storage import stable_hash
 
         ev = cfg.evaluate
         # A config that demands FID fails here, before any training; an optional one just goes without.
@@ -428,6 +427,43 @@ class ScorerAssets:
         connect(address)
         # The evaluate job's own domain network (same storage, same run name): trained once, reused after.
         trained, _ = domain_extractor(cfg, cfg.root / "evaluation" / cfg.data.records_name)
+        key = stable_hash(
+            [
+                str(Path(trained.directory).resolve()),
+                records_fingerprint([cfg.records_dir]),
+                ev.reference_split,
+                None if weights is None else str(Path(weights).resolve()),
+                ev.fidelity.reservoir_size,
+                ev.fidelity.seed,
+            ],
+            16,
+        )
+        return trained, weights, key
+
+    @classmethod
+    def build(cls, cfg: Any, out_dir: Path, *, address: str | None = None) -> ScorerAssets:
+        """The driver step: train (or reuse) the evaluate job's domain network and save the assets of ``cfg``.
+
+        May start Ray (the domain network trains through the shared loop on Ray Train).
+        """
+        trained, weights, _ = cls._inputs(cfg, address)
+        return cls._compute(cfg, out_dir, trained.directory, weights)
+
+    @classmethod
+    def cached(cls, cfg: Any, root: Path, *, address: str | None = None) -> ScorerAssets:
+        """The assets of ``cfg`` under ``root/<key>``, computed once per key (domain network, records,
+        reference split, Inception weights, reservoir settings) and reused by every later generation."""
+        trained, weights, key = cls._inputs(cfg, address)
+        directory = Path(root) / key
+        if (directory / _ASSETS_FILE).is_file():
+            return cls.load(directory)
+        return cls._compute(cfg, directory, trained.directory, weights)
+
+    @classmethod
+    def _compute(cls, cfg: Any, out_dir: Path, domain_net_dir: Path, weights: Path | None) -> ScorerAssets:
+        from vgmedgen.platform.records import decode_images, decode_masks, read_split
+
+        ev = cfg.evaluate
 
         def split(name: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
             table = read_split(cfg.records_dir, name, ["image", "mask", "label"])
@@ -439,7 +475,7 @@ class ScorerAssets:
         ref_images, _, ref_labels = split(ev.reference_split)
         return cls.from_arrays(
             out_dir,
-            domain_net_dir=trained.directory,
+            domain_net_dir=domain_net_dir,
             train_images=train_images,
             train_masks=train_masks,
             train_labels=train_labels,
