@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_plan.py
+	$(PY) benchmarks/generate_throughput.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vgmedgen jobs tests benchmarks

@@ -16,8 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from test_model_version import make_text_encoder, make_trained_model  # noqa: E402
 
 from vgmedgen.platform.config import load_experiment  # noqa: E402
-from vgmedgen.platform.generation.job import TABLE_DIR, complete_ids, generate_experiment  # noqa: E402
+from vgmedgen.platform.generation.job import TABLE_DIR, _dedupe, complete_ids, generate_experiment  # noqa: E402
 from vgmedgen.platform.runs import DONE  # noqa: E402
+from vgmedgen.platform.tracking import Tracker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def _fd(summary: dict) -> dict[tuple[str, str], float]:
 def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Path, tmp_path: Path) -> None:
     """One undisturbed run with one sampler actor; a finished run rerun writes nothing; the same job as a
     real process with four sampler actors, SIGKILLed mid-way and run again, ends with the same ids, the
-    same image bytes and the same FD; a lost file and a truncated one are made again."""
+    same image bytes and the same FD."""
     import signal
 
     from jobprocess import JobProcess
@@ -64,7 +65,12 @@ def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Pa
     version = tmp_path / "models" / "v-test"
     model.save_pretrained(version)
     overrides = _overrides(output_root, version)
-    cfg = load_experiment(REPO / "configs/tiny.yaml", overrides)
+    # In-process with MLflow on: the model version's training run is known to the store (by its tag), so
+    # the generation run becomes its child.
+    cfg = load_experiment(REPO / "configs/tiny.yaml", [*overrides, "tracking.enabled=true"])
+    tracker = Tracker(cfg.tracking, cfg.root, cfg.name)
+    with tracker.open_run("train-of-v-test", "train", tags={"model_version": version.name}) as train_run:
+        pass
     first = generate_experiment(cfg)
     table = _table(first.out_dir)
     ids = table.column("sample_id").to_pylist()
@@ -79,6 +85,12 @@ def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Pa
     assert summary["rows"] == 24 and summary["accepted"] + summary["rejected"] == 24
     assert (first.out_dir / "summary.json").is_file() and (first.out_dir / "records").is_dir()
     assert _fd(summary)  # FD of the accepted set, from the merged per-file statistics
+    gen_run = tracker.client.get_run(tracker.find_run(f"{cfg.name}-generate-{first.plan}"))
+    assert gen_run.info.status == "FINISHED" and gen_run.data.tags["mlflow.parentRunId"] == train_run
+    assert gen_run.data.params["plan"] == first.plan and gen_run.data.metrics["generate/images"] == 24
+    assert gen_run.data.metrics["generate/accepted"] == summary["accepted"]
+    logged = {a.path for a in tracker.client.list_artifacts(gen_run.info.run_id, "generation")}
+    assert "generation/summary.json" in logged and "generation/contact_sheets" in logged
 
     # A finished job run again writes nothing.
     again = generate_experiment(cfg)
@@ -105,17 +117,43 @@ def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Pa
     for key, value in _fd(summary).items():  # 1 vs 4 actors, other files: the merge does not care
         assert resumed_fd[key] == pytest.approx(value, rel=1e-3, abs=1e-9), key
 
-    # An interrupted run: the done-marker never written, one file lost and one truncated mid-write.
-    (first.out_dir / DONE).unlink()
-    files = sorted((first.out_dir / TABLE_DIR).glob("*.parquet"))
-    assert len(files) >= 2
-    files[0].unlink()
-    files[1].write_bytes(files[1].read_bytes()[:100])
-    left = set(complete_ids(first.out_dir / TABLE_DIR))
-    assert len(left) < 24 and not files[1].exists()  # the truncated file is removed
-    resumed = generate_experiment(cfg)
-    assert resumed.written == 24 - len(left)
-    table = _table(first.out_dir)
-    ids2 = table.column("sample_id").to_pylist()
-    assert sorted(ids2) == sorted(ids) and len(ids2) == len(set(ids2))
-    assert dict(zip(ids2, table.column("image").to_pylist())) == images
+
+def test_unfinished_files_are_dropped_and_duplicated_ids_removed(tmp_path: Path) -> None:
+    """What a killed or retried write leaves: a truncated part file (deleted, its rows made again) and a
+    row written twice (kept once, from the first file in name order)."""
+    import pyarrow as pa
+
+    table_dir = tmp_path / TABLE_DIR
+    table_dir.mkdir()
+    part = lambda ids: pa.table({"sample_id": ids, "image": [i.encode() for i in ids]})  # noqa: E731
+    pq.write_table(part(["a", "b"]), table_dir / "1.parquet")
+    pq.write_table(part(["b", "c"]), table_dir / "2.parquet")  # "b" again: a retried write task
+    pq.write_table(part(["d", "e"]), table_dir / "3.parquet")
+    (table_dir / "3.parquet").write_bytes((table_dir / "3.parquet").read_bytes()[:60])  # killed mid-write
+    assert sorted(complete_ids(table_dir)) == ["a", "b", "b", "c"]
+    assert not (table_dir / "3.parquet").exists()
+    assert _dedupe(table_dir) == 1
+    assert sorted(pq.ParquetDataset(table_dir).read().column("sample_id").to_pylist()) == ["a", "b", "c"]
+    assert pq.read_table(table_dir / "2.parquet").column("sample_id").to_pylist() == ["c"]
+    assert sorted(p.name for p in table_dir.iterdir()) == ["1.parquet", "2.parquet"]  # no temporary left
+
+
+def test_sets_of_other_jobs_take_their_policies_and_sampler_and_drop_filters(tmp_path: Path) -> None:
+    from vgmedgen.model.configbase import ConfigError
+    from vgmedgen.model.sampler import SamplerConfig
+    from vgmedgen.platform.generation.job import check_plan_sampler, set_config
+
+    cfg = load_experiment(
+        REPO / "configs/tiny.yaml",
+        [f"output_root={tmp_path}", "generate.name=mine", "generate.filters.min_confidence=0.9"],
+    )
+    sampler = SamplerConfig(num_steps=5, guidance_anatomy=2.0, guidance_style=3.0)
+    gen = set_config(cfg, [{"balance": {}}], seed=7, sampler=sampler, batch_size=10_000).generate
+    assert (gen.seed, gen.num_steps, gen.guidance_anatomy, gen.guidance_style) == (7, 5, 2.0, 3.0)
+    assert gen.name is None and gen.filters.min_confidence is None and gen.export == "none"
+    assert gen.batch_size == gen.shard_size and type(gen.policies[0]).__name__ == "BalancePolicy"
+    assert gen.sampler.threads == max(1, os.cpu_count() or 1)
+    assert cfg.generate.name == "mine"  # the experiment's own section is left as it was
+    check_plan_sampler(sampler, SamplerConfig(), "evaluate.sampler")  # steps and guidance travel in the plan
+    with pytest.raises(ConfigError, match="evaluate.sampler sets solver_order"):
+        check_plan_sampler(SamplerConfig(solver_order=1), SamplerConfig(), "evaluate.sampler")

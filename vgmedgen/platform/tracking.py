@@ -303,6 +303,19 @@ class ModelRef:
     run_id: str | None = None
 
 
+def model_reference(value: str | None, cfg: ExperimentConfig, tracker: Tracker | None, field: str) -> str:
+    """A job's model setting (``field``, e.g. ``generate.model``) or, when unset, the experiment's
+    registered model at ``tracking.alias``; a clear error when it is unset and tracking is off."""
+    if value is not None:
+        return value
+    if tracker is None:
+        raise ConfigError(
+            f"{field} is not set and tracking is off; set {field} to a model version directory "
+            "or turn tracking on to use the registered model"
+        )
+    return f"{tracker.model_name}@{cfg.tracking.alias}"
+
+
 def resolve_model(ref: str, cfg: ExperimentConfig, *, tracker: Tracker | None = None) -> ModelRef:
     """The one resolver of model references: a directory, or ``<name>@<alias>`` (``models:/`` optional)
     in the experiment's MLflow registry, to a verified :class:`ModelRef`.

@@ -147,7 +147,7 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
     from vgmedgen.model.vgmedgen import VGMedGen
     from vgmedgen.platform.cluster import connect
     from vgmedgen.platform.prepare import prepare_records
-    from vgmedgen.platform.tracking import Tracker, open_run, resolve_model
+    from vgmedgen.platform.tracking import Tracker, model_reference, open_run, resolve_model
 
     t0 = time.perf_counter()
     ev = cfg.evaluate
@@ -158,14 +158,8 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
     model = None
     version_dir: Path | None = None
     model_ref = None
-    ref = ev.model
     if ev.generated_dir is None:
-        if ref is None:
-            if tracker is None:
-                raise ConfigError(
-                    "evaluate.model is unset and tracking is off: set evaluate.model to a model version directory"
-                )
-            ref = f"{tracker.model_name}@{cfg.tracking.alias}"
+        ref = model_reference(ev.model, cfg, tracker, "evaluate.model")
         model_ref = resolve_model(ref, cfg, tracker=tracker)
         version_dir = model_ref.path
         model = VGMedGen.from_pretrained(version_dir)

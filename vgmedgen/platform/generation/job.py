@@ -21,6 +21,7 @@ Shape legend: N images, H/W image size.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,7 @@ __all__ = [
 
 TABLE_DIR = "table"
 PLAN_FILE = "plan.parquet"
+WRITTEN_FILE = ".written_ids.json"  # the ids already in the table when a run starts (for the samplers)
 ASSETS_DIR = "_scorer_assets"
 
 
@@ -66,7 +68,7 @@ class SamplerActor:
         model_dir: str,
         model_id: str,
         plan_path: str,
-        done_ids: Sequence[str],
+        written_path: str,
         batch_size: int,
         device: str = "cpu",
         threads: int | None = None,
@@ -79,7 +81,9 @@ class SamplerActor:
         self.model = load_model(model_dir, device=resolve_device(device)).eval()
         self.model_id = model_id
         self.plan_path = plan_path
-        self.done = set(done_ids)
+        # The ids already in the table, from a file (not a constructor argument: Ray would keep a list that
+        # grows with the plan in the object store for the actor's restarts).
+        self.done = set(json.loads(Path(written_path).read_text()))
         self.batch_size = batch_size
 
     def __call__(self, batch: Mapping[str, Any]) -> pa.Table:
@@ -213,17 +217,10 @@ def generate_experiment(
 ) -> GenerationOutcome:
     """Run the generation job of ``cfg.generate`` (see the module docstring); resumable, exactly once.
     ``fresh`` removes the generation's directory first (``--fresh``): every image is made again."""
-    from vgmedgen.platform.tracking import Tracker, open_run, resolve_model
+    from vgmedgen.platform.tracking import Tracker, model_reference, open_run, resolve_model
 
-    gen = cfg.generate
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
-    model = gen.model
-    if model is None:
-        if tracker is None:
-            raise ConfigError(
-                "generate.model is not set and tracking is off; set generate.model to a model version directory"
-            )
-        model = f"{tracker.model_name}@{cfg.tracking.alias}"
+    model = model_reference(cfg.generate.model, cfg, tracker, "generate.model")
     ref = resolve_model(model, cfg, tracker=tracker)
     pending = _Pending.start(cfg, ref, address=address, fresh=fresh)
     if pending.done is not None:
@@ -268,7 +265,8 @@ def set_config(
     """``cfg`` with the generate section of a set another job makes through the pipeline (the evaluate
     job's generated set, the downstream benchmark's synthetic rows): ``policies`` and ``seed``, no
     filters (every image counts), no export, the output named by its plan; the experiment's actor
-    options, shard size and device.
+    options (a single sampler actor without ``threads`` gets the driver node's cores), shard size and
+    device.
 
     Args:
         sampler: a :class:`~vgmedgen.model.sampler.SamplerConfig` whose steps and guidance the plan rows
@@ -280,6 +278,10 @@ def set_config(
     base = cfg.generate
     fields = base.model_dump(mode="json", exclude={"model", "name", "filters", "export", "policies", "seed"})
     fields.update(policies=[dict(p) for p in policies], seed=seed)
+    if base.sampler.threads is None and base.sampler.size == 1:
+        # One sampler actor makes the whole set: let it use this node's cores, as the in-process sampler
+        # did (its fractional Ray CPU share would give it one thread: half the speed on 2 cores).
+        fields["sampler"]["threads"] = max(1, os.cpu_count() or 1)
     if batch_size is not None:
         fields["batch_size"] = min(batch_size, base.shard_size)
     if sampler is not None:
@@ -411,6 +413,21 @@ def plan_shard_ids(plan: pa.Table) -> dict[int, list[str]]:
     return {k: out[k] for k in sorted(out)}
 
 
+def _actor_pool(ds: Any, actor: type, pool: Any, batch_size: int, kwargs: Mapping[str, Any]) -> Any:
+    """``ds.map_batches`` through a pool of ``actor`` sized by ``pool`` (an ActorOptions section)."""
+    import ray
+
+    return ds.map_batches(
+        actor,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.size),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        fn_constructor_kwargs={**kwargs, "threads": pool.threads, "num_cpus": pool.num_cpus},
+    )
+
+
 def _generate(
     cfg: ExperimentConfig, ref: Any, plan: pa.Table, key: str, out_dir: Path, address: str | None
 ) -> tuple[int, dict[str, Any]]:
@@ -442,41 +459,39 @@ def _generate(
     if pending:
         import ray
 
+        written_path = out_dir / WRITTEN_FILE
+        tmp = written_path.with_name(f".{WRITTEN_FILE}.tmp")
+        tmp.write_text(json.dumps(sorted(have)))
+        tmp.replace(written_path)
         ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(
+        ds = _actor_pool(
+            ds,
             SamplerActor,
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=gen.sampler.size),
-            num_cpus=gen.sampler.num_cpus,
-            num_gpus=gen.sampler.num_gpus,
-            fn_constructor_kwargs={
+            gen.sampler,
+            1,  # one shard per call: the actor samples it in fixed sub-batches
+            {
                 "model_dir": str(ref.path),
                 "model_id": ref.id,
                 "plan_path": str(plan_path),
-                "done_ids": sorted(have),
+                "written_path": str(written_path),
                 "batch_size": gen.batch_size,
                 "device": gen.device,
-                "threads": gen.sampler.threads,
-                "num_cpus": gen.sampler.num_cpus,
             },
         )
-        ds = ds.map_batches(
+        ds = _actor_pool(
+            ds,
             ScorerActor,
-            batch_size=gen.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=gen.scorer.size),
-            num_cpus=gen.scorer.num_cpus,
-            num_gpus=gen.scorer.num_gpus,
-            fn_constructor_kwargs={
+            gen.scorer,
+            gen.batch_size,
+            {
                 "assets_dir": str(assets.directory),
                 "filters": gen.filters.model_dump(mode="json"),
                 "device": gen.device,
-                "threads": gen.scorer.threads,
-                "num_cpus": gen.scorer.num_cpus,
             },
         )
-        ds.write_parquet(str(table_dir))
+        # A write task needs little CPU; at Ray's default of 1 CPU it waits for a free core, which a 2-CPU node
+        # with both actor pools busy does not have until sampling ends: nothing would reach disk before.
+        ds.write_parquet(str(table_dir), ray_remote_args={"num_cpus": 0.1})
     run_s = time.perf_counter() - t_run
     removed = _dedupe(table_dir) if table_dir.is_dir() else 0
     if removed:
