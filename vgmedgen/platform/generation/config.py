@@ -228,7 +228,7 @@ class ActorOptions(StrictConfig):
     num_cpus: float = Field(
         0.5,
         gt=0,
-        description="CPUs per actor; fractional on small machines (two pools at 1 CPU each hang a 2-CPU host).",
+        description="Ray CPUs per actor; fractional on small machines, so that both pools fit on one node.",
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on GPU clusters).")
     threads: int | None = Field(
