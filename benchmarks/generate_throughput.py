@@ -36,12 +36,12 @@ outputs; building the baseline's plan. Every run writes
 a fresh output directory (``generate.name``). No figure is asserted: the targets are printed beside them.
 The actor CPUs default to the job's own (``ActorOptions.num_cpus`` 0.5 each).
 
-Usage (about 9 minutes on 2 CPU cores with the defaults, half of it the 1,000-image run; hold the
-host's Ray lock where one Ray instance at a time may run):
-    flock /tmp/ray.lock .venv/bin/python benchmarks/generate_throughput.py
-    flock /tmp/ray.lock .venv/bin/python benchmarks/generate_throughput.py --images 2000
-    flock /tmp/ray.lock .venv/bin/python benchmarks/generate_throughput.py --n 32 --images 0   # (a), (b) only
-    flock /tmp/ray.lock .venv/bin/python benchmarks/generate_throughput.py --sampler-cpus 1 --images 0
+Usage (about 9 minutes on 2 CPU cores with the defaults, half of it the 1,000-image run; it starts its
+own local Ray, so run it where no other Ray instance runs):
+    .venv/bin/python benchmarks/generate_throughput.py
+    .venv/bin/python benchmarks/generate_throughput.py --images 2000
+    .venv/bin/python benchmarks/generate_throughput.py --n 32 --images 0   # (a), (b) only
+    .venv/bin/python benchmarks/generate_throughput.py --sampler-cpus 1 --images 0
 """
 
 from __future__ import annotations

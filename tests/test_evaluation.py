@@ -313,6 +313,12 @@ def test_interrupted_evaluate_job_ends_its_run_killed_and_a_rerun_finishes_it(
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
     assert job.interrupt(signal.SIGINT) == 130, job.output()[-3000:]
     assert "interrupted (SIGINT)" in job.output()
+    if "did not stop within" in job.output():  # the watchdog ended it: say where it hung
+        import warnings
+
+        warnings.warn(
+            f"the interrupted evaluate job needed the watchdog:\n{job.output()[-6000:]}", stacklevel=1
+        )
     assert tracker.client.get_run(run_id).info.status == "KILLED"
 
     # 2. the same job again (fewer domain steps): the same run, FINISHED, with its results and progress

@@ -88,3 +88,45 @@ def test_sigterm_ends_the_jobs_run_killed_and_exits_143(tracker: Tracker, capsys
     assert run_job(ctrl_c, []) == 128 + signal.SIGINT
     assert _status(tracker, opened[1]) == "KILLED"
     assert isinstance(Terminated(), KeyboardInterrupt)
+
+
+def test_an_interrupt_the_job_swallows_is_ended_by_the_watchdog(tracker: Tracker, tmp_path) -> None:
+    """A job whose code swallows Ctrl-C (as a library catching KeyboardInterrupt might) still stops: the
+    watchdog sees the signal arrive, and after the grace time prints every thread's stack, ends the open
+    run KILLED and exits 130."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stubborn_job.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from vgmedgen.platform.cli import exit_job, run_job\n"
+        "from vgmedgen.platform.tracking import Tracker, TrackingConfig\n"
+        f"tracker = Tracker(TrackingConfig(), Path({str(tracker.root)!r}), 'runs-test')\n"
+        "def main(argv):\n"
+        "    with tracker.open_run(key='stubborn', name='stubborn'):\n"
+        "        print('running', flush=True)\n"
+        "        while True:\n"
+        "            try:\n"
+        "                time.sleep(60)\n"
+        "            except KeyboardInterrupt:\n"
+        "                pass  # swallowed\n"
+        "exit_job(run_job(main))\n"
+    )
+    env = {**os.environ, "VGMEDGEN_INTERRUPT_GRACE_S": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    while not seen or seen[-1].strip() != "running":  # MLflow may log a line or two first
+        seen.append(proc.stdout.readline())
+        assert seen[-1], "".join(seen)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert time.monotonic() - t0 < 30
+    assert "interrupted (SIGINT): the job did not stop within 1 s" in out
+    assert "stubborn_job.py" in out and "in main" in out  # the stack shows where it was
+    assert _status(tracker, tracker.find_run("stubborn")) == "KILLED"

@@ -9,6 +9,13 @@ An interrupted job ends its work the way Ctrl-C does: SIGTERM (what ``ray job st
 ``kill`` send) raises :class:`Terminated`, a ``KeyboardInterrupt``, in the main thread, so every MLflow
 run the job holds open ends KILLED (:meth:`vgmedgen.platform.tracking.Tracker.open_run`) and the job
 exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+
+An interrupt that does not stop the job (a library that swallows ``KeyboardInterrupt``, or a main
+thread blocked in native code where no Python handler runs) is caught by a watchdog: the signal's
+arrival is seen through :func:`signal.set_wakeup_fd`, which the C-level handler writes to at once, and
+if the job is still running :data:`INTERRUPT_GRACE_S` seconds later (``VGMEDGEN_INTERRUPT_GRACE_S``)
+the watchdog prints every thread's stack (where it hung), ends the open MLflow runs KILLED and exits
+with the same status.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from types import FrameType
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig, load_experiment
 
-__all__ = ["Terminated", "exit_job", "job_parser", "load_from_args", "run_job"]
+__all__ = ["INTERRUPT_GRACE_S", "Terminated", "exit_job", "job_parser", "load_from_args", "run_job"]
+
+INTERRUPT_GRACE_S = 30.0  # seconds an interrupted job has to stop on its own before the watchdog ends it
 
 
 class Terminated(KeyboardInterrupt):
@@ -101,11 +110,67 @@ def exit_job(code: int) -> None:
     sys.exit(code)
 
 
+class _InterruptWatchdog:
+    """Sees SIGINT/SIGTERM arrive (through the wakeup fd, written by the C-level handler even while the main
+    thread is stuck) and, if the process still runs ``grace`` seconds later, dumps every thread's stack,
+    ends the open MLflow runs KILLED and leaves with 128 + the signal number."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._closed = threading.Event()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="interrupt-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read, 1)
+            except OSError:
+                return
+            if not data:  # closed: the job ended
+                os.close(self._read)
+                return
+            if data[0] in (signal.SIGINT, signal.SIGTERM):
+                break
+        signum = data[0]
+        if self._closed.wait(self.grace):  # the job stopped on its own
+            os.close(self._read)
+            return
+        import faulthandler
+
+        name = signal.Signals(signum).name
+        print(
+            f"interrupted ({name}): the job did not stop within {self.grace:g} s of the signal; ending its "
+            "open MLflow runs KILLED and exiting. Its threads at this moment:",
+            file=sys.stderr,
+            flush=True,
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        try:
+            from vgmedgen.platform.tracking import end_open_runs
+
+            end_open_runs("KILLED")
+        except Exception as exc:  # the exit must not depend on the tracking server
+            print(f"could not end the open MLflow runs: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def close(self) -> None:
+        self._closed.set()
+        signal.set_wakeup_fd(self._previous)
+        os.close(self._write)  # a watcher still reading gets b"" and ends
+
+
 def run_job(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a job's ``main``; user errors become one message on stderr and exit status 2, an interrupt
     (SIGINT, or SIGTERM as :class:`Terminated`) exits 128 + the signal number once open runs are ended."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    grace = float(os.environ.get("VGMEDGEN_INTERRUPT_GRACE_S", INTERRUPT_GRACE_S))
+    watchdog = _InterruptWatchdog(grace) if main_thread else None
     try:
         return int(main(argv) or 0)
     except _user_errors() as exc:
@@ -118,3 +183,5 @@ def run_job(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     finally:
         if previous is not None:  # None: a handler installed outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, previous)
+        if watchdog is not None:  # the job is out of main: exit_job leaves at once from here
+            watchdog.close()

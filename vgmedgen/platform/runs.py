@@ -12,7 +12,7 @@ Names:
 - evaluation networks ``<net>-<hash12>`` (:func:`net_run_name`): the spec plus its records' part files;
 - the train job's MLflow parent run ``<experiment>-job-<hash12>`` (:func:`job_key`);
 - model versions, by content (:func:`version_name`), and the built text encoder (:func:`encoder_name`);
-- records (:func:`records_key`, and :func:`records_fingerprint` of their part files), and low-data subsets (:func:`subset_name`);
+- records (:func:`records_key`, and :func:`records_fingerprint` of their part files), low-data subsets (:func:`subset_name`) and the generation scorer's assets (:func:`scorer_assets_name`);
 - sweep trials ``<sweep>-trial-<hash12>`` (:func:`trial_name`), from the overrides a trial applies;
 - generation plans ``<model id>-plan-<hash12>`` (:func:`plan_name`) and their shards
   ``<plan>-shard-<index>-of-<count>`` (:func:`shard_name`), which sort in index order.
@@ -47,6 +47,7 @@ __all__ = [
     "shard_name",
     "stage_identity",
     "stage_run_name",
+    "scorer_assets_name",
     "subset_name",
     "trial_name",
     "version_name",
@@ -177,6 +178,29 @@ def subset_name(records_dir: str | Path, per_class: int, seed: int) -> str:
     """A low-data subset of a records directory: ``per_class`` train rows per class drawn with ``seed``."""
     files = sorted(p.name for p in Path(records_dir).glob("*.parquet"))
     return f"lowdata-{per_class}-{seed}-{stable_hash(files)}"
+
+
+def scorer_assets_name(
+    domain_net_dir: str | Path,
+    records_dir: str | Path,
+    reference_split: str,
+    inception_weights: str | Path | None,
+    reservoir_size: int,
+    seed: int,
+) -> str:
+    """The generation scorer's real-data assets: the domain network, the records' part files, the reference
+    split, the Inception weights file and the reservoir settings they are computed from."""
+    return stable_hash(
+        [
+            str(Path(domain_net_dir).resolve()),
+            records_fingerprint([records_dir]),
+            reference_split,
+            None if inception_weights is None else str(Path(inception_weights).resolve()),
+            reservoir_size,
+            seed,
+        ],
+        16,
+    )
 
 
 def trial_name(sweep: str, overrides: Mapping[str, Any]) -> str:

@@ -155,6 +155,7 @@ class Tracker:
         through :func:`vgmedgen.platform.cli.run_job`) and FAILED on any other exception, which propagates.
         """
         run_id = self._reopen(key, name, parent_id, tags)
+        _OPEN_RUNS[run_id] = self
         try:
             yield run_id
         except KeyboardInterrupt:
@@ -163,6 +164,8 @@ class Tracker:
         except BaseException:
             self._end(run_id, "FAILED")
             raise
+        finally:
+            _OPEN_RUNS.pop(run_id, None)
         self.client.set_terminated(run_id, status="FINISHED")
 
     def find_run(self, key: str) -> str | None:
@@ -265,6 +268,21 @@ class Tracker:
             [self.experiment_id], filter_string=f"tags.model_version = '{version}'", max_results=1
         )
         return runs[0].info.run_id if runs else None
+
+
+# The runs open in this process (run id -> its tracker), for a job that must leave without unwinding.
+_OPEN_RUNS: dict[str, Tracker] = {}
+
+
+def end_open_runs(status: str = "KILLED") -> list[str]:
+    """End every MLflow run this process holds open with ``status``; returns their ids. Used by the
+    interrupt watchdog of :func:`vgmedgen.platform.cli.run_job` when a job does not stop on its own."""
+    ended = []
+    for run_id, tracker in list(_OPEN_RUNS.items()):
+        tracker._end(run_id, status)
+        _OPEN_RUNS.pop(run_id, None)
+        ended.append(run_id)
+    return ended
 
 
 def open_run(

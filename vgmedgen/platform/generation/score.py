@@ -416,8 +416,7 @@ class ScorerAssets:
         from vgmedgen.platform.cluster import connect
         from vgmedgen.platform.evaluation.driver import domain_extractor
         from vgmedgen.platform.metrics.fidelity import check_inception_weights
-        from vgmedgen.platform.runs import records_fingerprint
-        from vgmedgen.platform.storage import stable_hash
+        from vgmedgen.platform.runs import scorer_assets_name
 
         ev = cfg.evaluate
         # A config that demands FID fails here, before any training; an optional one just goes without.
@@ -427,16 +426,13 @@ class ScorerAssets:
         connect(address)
         # The evaluate job's own domain network (same storage, same run name): trained once, reused after.
         trained, _ = domain_extractor(cfg, cfg.root / "evaluation" / cfg.data.records_name)
-        key = stable_hash(
-            [
-                str(Path(trained.directory).resolve()),
-                records_fingerprint([cfg.records_dir]),
-                ev.reference_split,
-                None if weights is None else str(Path(weights).resolve()),
-                ev.fidelity.reservoir_size,
-                ev.fidelity.seed,
-            ],
-            16,
+        key = scorer_assets_name(
+            trained.directory,
+            cfg.records_dir,
+            ev.reference_split,
+            weights,
+            ev.fidelity.reservoir_size,
+            ev.fidelity.seed,
         )
         return trained, weights, key
 
