@@ -92,7 +92,16 @@ def test_three_stages_two_workers_mlflow_and_registry(ray_cluster, output_root: 
     # the registry alias resolves to the model version, which loads and samples
     resolved = resolve_model(f"vgmedgen-tiny@{cfg.tracking.alias}", cfg)
     assert resolved.name.startswith("vgmedgen-tiny-v") and resolved.run_id == parent.info.run_id
-    assert resolved.path.name == "model_version" and len(resolved.id) == 64
+    assert resolved.path == cfg.root / "models" / "_registry" / resolved.name and len(resolved.id) == 64
+    # copied once under the output root (every node sees it): a second resolve reuses the copy; a damaged
+    # copy is made again from the registry
+    stamp = (resolved.path / "manifest.json").stat().st_mtime_ns
+    assert resolve_model(f"vgmedgen-tiny@{cfg.tracking.alias}", cfg).path == resolved.path
+    assert (resolved.path / "manifest.json").stat().st_mtime_ns == stamp
+    weights = sorted(p for p in resolved.path.rglob("*.safetensors"))[0]
+    weights.write_bytes(b"damaged")
+    assert resolve_model(f"vgmedgen-tiny@{cfg.tracking.alias}", cfg).id == resolved.id
+    assert weights.read_bytes() != b"damaged"
     # the model card: every stage's run and the registry entry, outside the hashes, in the registered copy too
     card = (summary.model_version / "MODEL_CARD.md").read_text()
     assert all(f"`{r.run_name}`" in card for r in summary.stages) and f"`{summary.registered}`" in card

@@ -258,9 +258,24 @@ class Tracker:
                 f"{known}. Train one first (jobs/train.py registers <name>@{self.cfg.alias}), or give a directory."
             ) from None
 
-    def download(self, source: str) -> Path:
-        """A local copy of a registered version's artifacts (MLflow caches nothing: each call copies)."""
-        return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=self.uri))
+    def download(self, source: str, into: Path | None = None) -> Path:
+        """A local copy of a registered version's artifacts: a new temporary directory, or ``into`` (made
+        once: a directory there with a manifest is returned as it is, the caller verifies it)."""
+        if into is None:
+            return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=self.uri))
+        if (into / "manifest.json").is_file():
+            return into
+        import shutil
+        import tempfile
+
+        shutil.rmtree(into, ignore_errors=True)  # an unfinished copy
+        into.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=into.parent, prefix=f".{into.name}-") as tmp:
+            got = self._mlflow.artifacts.download_artifacts(
+                artifact_uri=source, tracking_uri=self.uri, dst_path=tmp
+            )
+            Path(got).rename(into)  # whole or not at all
+        return into
 
     def run_of_version(self, version: str) -> str | None:
         """The parent train run tagged with a model version's directory name, if this store has one."""
@@ -269,6 +284,8 @@ class Tracker:
         )
         return runs[0].info.run_id if runs else None
 
+
+REGISTRY_COPIES = "_registry"  # <output_root>/models/_registry/<name>-v<version>: registered versions, copied
 
 # The runs open in this process (run id -> its tracker), for a job that must leave without unwinding.
 _OPEN_RUNS: dict[str, Tracker] = {}
@@ -346,7 +363,7 @@ def resolve_model(ref: str, cfg: ExperimentConfig, *, tracker: Tracker | None = 
         cfg: the experiment (its tracking settings and output root locate the registry).
         tracker: an open :class:`Tracker` of ``cfg`` to reuse (one is opened when needed).
     """
-    from vgmedgen.model.vgmedgen import verify_manifest
+    from vgmedgen.model.vgmedgen import ModelVersionError, verify_manifest
     from vgmedgen.platform.storage import file_digest
 
     path = Path(ref).expanduser()
@@ -369,7 +386,17 @@ def resolve_model(ref: str, cfg: ExperimentConfig, *, tracker: Tracker | None = 
                 )
             tracker = Tracker(cfg.tracking, cfg.root, cfg.name)
         mv = tracker.version_by_alias(model_name, alias)
-        path, run_id, name = tracker.download(mv.source), mv.run_id, f"{model_name}-v{mv.version}"
+        run_id, name = mv.run_id, f"{model_name}-v{mv.version}"
+        # Copied once under the output root, which every node of a cluster sees: actors of a Ray job load
+        # the version from this path (a temporary directory would exist on the driver's node only).
+        path = tracker.download(mv.source, cfg.root / "models" / REGISTRY_COPIES / name)
+        try:
+            verify_manifest(path)
+        except ModelVersionError:  # a damaged copy: made again from the registry, then checked once more
+            import shutil
+
+            shutil.rmtree(path)
+            path = tracker.download(mv.source, path)
     verify_manifest(path)
     if run_id is None and tracker is not None:
         run_id = tracker.run_of_version(path.name)
