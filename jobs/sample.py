@@ -21,25 +21,9 @@ like every job's but unused: sampling runs here, without a cluster.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from vgmedgen.platform.cli import exit_job, job_parser, load_from_args, run_job
-from vgmedgen.platform.generation.request import parse_request
-from vgmedgen.platform.generation.sample import generate_samples, load_model, load_references, write_samples
-from vgmedgen.platform.tracking import resolve_model
-
-# Request field -> the flag that sets it (messages name the flag).
-FLAGS = {
-    "anatomy_prompt": "--anatomy",
-    "style_prompt": "--style",
-    "caption": "--caption",
-    "reference": "--reference",
-    "n": "--n",
-    "seed": "--seed",
-    "num_steps": "--steps",
-    "guidance_anatomy": "--guidance-anatomy",
-    "guidance_style": "--guidance-style",
-}
+from vgmedgen.platform.generation.sample import SAMPLE_FLAGS, request_from_flags, sample_to_directory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,24 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance-anatomy", type=float, help="anatomy guidance g_a (default: the model's)")
     parser.add_argument("--guidance-style", type=float, help="style guidance g_s (default: the model's)")
     args = parser.parse_args(argv)
-    fields = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in FLAGS.items()}
-    if args.reference:
-        fields["reference"] = str(Path(args.reference).expanduser().resolve())
-    # A bad request or reference image fails here, before the model loads.
-    request = parse_request({k: v for k, v in fields.items() if v is not None}, names=FLAGS)
+    # A bad request or reference image fails before the model loads.
+    request = request_from_flags({k: getattr(args, f[2:].replace("-", "_")) for k, f in SAMPLE_FLAGS.items()})
     cfg = load_from_args(args)
-    references = load_references([request], name="--reference")
-    model = resolve_model(args.model, cfg)
-    samples = generate_samples(
-        load_model(model.path), [request], references=references, progress=not args.quiet
-    )
-    out = (
-        Path(args.out).expanduser()
-        if args.out
-        else cfg.root / "samples" / f"{model.id[:12]}-seed{request.seed}"
-    )
-    index = write_samples(samples, out, model)
-    print(f"wrote {len(samples)} images and pseudo-masks to {out}")
+    out, index, count = sample_to_directory(cfg, args.model, request, args.out, progress=not args.quiet)
+    print(f"wrote {count} images and pseudo-masks to {out}")
     print(f"index: {index}")
     return 0
 

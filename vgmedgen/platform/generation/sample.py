@@ -28,7 +28,7 @@ from vgmedgen.model.pipeline import reference_to_tensor
 from vgmedgen.model.sampler import SamplerConfig
 from vgmedgen.model.vgmedgen import VGMedGen
 from vgmedgen.model.visual import MASK_THRESHOLD
-from vgmedgen.platform.generation.request import SampleRequest
+from vgmedgen.platform.generation.request import SampleRequest, parse_request
 from vgmedgen.platform.images import provenance_fields, save_png
 
 if TYPE_CHECKING:
@@ -36,11 +36,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SAMPLER_SETTINGS",
+    "SAMPLE_FLAGS",
     "Samples",
     "generate_samples",
     "load_model",
     "load_references",
     "read_reference",
+    "request_from_flags",
+    "sample_to_directory",
     "write_samples",
 ]
 
@@ -275,3 +278,44 @@ def write_samples(samples: Samples, out_dir: Path, model: ModelRef) -> Path:
     path = out_dir / "samples.json"
     path.write_text(json.dumps(index, indent=2))
     return path
+
+
+# Request field -> the flag of jobs/sample.py that sets it (messages name the flag).
+SAMPLE_FLAGS = {
+    "anatomy_prompt": "--anatomy",
+    "style_prompt": "--style",
+    "caption": "--caption",
+    "reference": "--reference",
+    "n": "--n",
+    "seed": "--seed",
+    "num_steps": "--steps",
+    "guidance_anatomy": "--guidance-anatomy",
+    "guidance_style": "--guidance-style",
+}
+
+
+def request_from_flags(values: Mapping[str, Any]) -> SampleRequest:
+    """The request the sample job's flags describe (``values`` by request field, None = not given); a bad
+    request fails here, naming the flag, before any model loads."""
+    fields = dict(values)
+    if fields.get("reference"):
+        fields["reference"] = str(Path(fields["reference"]).expanduser().resolve())
+    return parse_request({k: v for k, v in fields.items() if v is not None}, names=SAMPLE_FLAGS)
+
+
+def sample_to_directory(
+    cfg: Any, model: str, request: SampleRequest, out: str | Path | None, *, progress: bool = True
+) -> tuple[Path, Path, int]:
+    """The sample job: resolve ``model`` in ``cfg``'s store, generate ``request`` in this process and write
+    it with :func:`write_samples` to ``out`` (default ``<output_root>/samples/<version id[:12]>-seed<seed>``).
+
+    Returns:
+        The output directory, the path of ``samples.json`` and the number of images.
+    """
+    from vgmedgen.platform.tracking import resolve_model
+
+    references = load_references([request], name="--reference")
+    ref = resolve_model(model, cfg)
+    samples = generate_samples(load_model(ref.path), [request], references=references, progress=progress)
+    directory = Path(out).expanduser() if out else cfg.root / "samples" / f"{ref.id[:12]}-seed{request.seed}"
+    return directory, write_samples(samples, directory, ref), len(samples)
