@@ -102,6 +102,26 @@ def test_image_does_not_depend_on_batch_neighbours(model: Generator) -> None:
     assert (batch[1] - batch[2]).abs().max() > 1e-2  # different rows are different images
 
 
+def test_per_row_guidance_equals_each_row_sampled_with_its_own_guidance(model: Generator) -> None:
+    """Rows with different (g_a, g_s) share one batch; each equals the row sampled with its guidance in the
+    sampler config (the serve batcher and the generation job rely on this)."""
+    t_a, t_s = _cond(3, seed=5)
+    guidance = ([4.5, 2.0, 1.0], [4.5, 3.0, 1.0])
+    mixed = sample(model, t_a, t_s, [1, 2, 3], cfg=FAST, guidance=guidance)
+    for i in range(3):
+        cfg = FAST.model_copy(update={"guidance_anatomy": guidance[0][i], "guidance_style": guidance[1][i]})
+        alone = sample(model, t_a, t_s, [1, 2, 3], cfg=cfg)
+        # Same batch, same kernels: the per-row scales round exactly like the config's scalars...
+        if i < 2:
+            torch.testing.assert_close(mixed[i], alone[i], rtol=0, atol=0)
+        else:  # ...except g = 1/1, which alone takes the single unguided pass: equal up to float rounding.
+            torch.testing.assert_close(mixed[i], alone[i], rtol=0, atol=1e-4)
+    assert (mixed[0] - sample(model, t_a, t_s, [1, 2, 3], cfg=FAST.model_copy(
+        update={"guidance_anatomy": 2.0}))[0]).abs().max() > 1e-3  # fmt: skip  (guidance matters)
+    with pytest.raises(ValueError, match="one g_a and one g_s per row"):
+        sample(model, t_a, t_s, [1, 2, 3], cfg=FAST, guidance=([1.0], [1.0]))
+
+
 def test_scheduler_settings_and_noise() -> None:
     gen = build_generator(build_generator_config("tiny"))
     sched = make_scheduler(gen, SamplerConfig())

@@ -57,9 +57,14 @@ class SamplerConfig(StrictConfig):
 
 
 def combine_guidance(
-    e00: torch.Tensor, ea0: torch.Tensor, eas: torch.Tensor, g_a: float, g_s: float
+    e00: torch.Tensor,
+    ea0: torch.Tensor,
+    eas: torch.Tensor,
+    g_a: float | torch.Tensor,
+    g_s: float | torch.Tensor,
 ) -> torch.Tensor:
-    """``e00 + g_a (ea0 - e00) + g_s (eas - ea0)`` (all (N, C, h, w))."""
+    """``e00 + g_a (ea0 - e00) + g_s (eas - ea0)`` (all (N, C, h, w); ``g_a``/``g_s`` scalars or one per
+    row, (N, 1, 1, 1))."""
     return e00 + g_a * (ea0 - e00) + g_s * (eas - ea0)
 
 
@@ -101,10 +106,12 @@ def _guided_eps(
     text_tokens: torch.Tensor | None,
     text_mask: torch.Tensor | None,
     cfg: SamplerConfig,
+    guidance: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     n = x.shape[0]
     timesteps = t.to(x.device).expand(n)
-    if cfg.guidance_anatomy == 1.0 and cfg.guidance_style == 1.0:
+    g_a, g_s = guidance if guidance is not None else (cfg.guidance_anatomy, cfg.guidance_style)
+    if guidance is None and g_a == 1.0 and g_s == 1.0:
         return model(x, timesteps, t_a, t_s, text_tokens=text_tokens, text_mask=text_mask)
     yes = torch.ones(n, dtype=torch.bool, device=x.device)
     no = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -124,7 +131,9 @@ def _guided_eps(
         drop_text=None if text_tokens is None else drop_text,
     )  # (3N, C, h, w)
     e00, ea0, eas = eps.chunk(3)
-    return combine_guidance(e00, ea0, eas, cfg.guidance_anatomy, cfg.guidance_style)
+    if guidance is not None:  # the output keeps eps's dtype, as with scalar guidance
+        g_a, g_s = g_a.to(eps.dtype), g_s.to(eps.dtype)
+    return combine_guidance(e00, ea0, eas, g_a, g_s)
 
 
 @torch.no_grad()
@@ -138,6 +147,7 @@ def sample(
     text_mask: torch.Tensor | None = None,
     cfg: SamplerConfig | None = None,
     image_size: int | None = None,
+    guidance: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> torch.Tensor:
     """Generate one image per (t_a, t_s, seed).
 
@@ -152,6 +162,9 @@ def sample(
         text_mask: (N, L) caption mask.
         cfg: sampler settings (defaults: 20 steps, g_a = g_s = 4.5).
         image_size: square image side in pixels (default: the model's native size).
+        guidance: per-row ``(g_a, g_s)``, N values each, in place of ``cfg``'s two scalars, so that rows
+            with different guidance share one batch (a row's image equals the one sampled alone with
+            its guidance in ``cfg``).
 
     Returns:
         (N, 3, H, W) float32 images in [0, 1] on the model's device.
@@ -169,6 +182,17 @@ def sample(
         text_mask = None if text_mask is None else text_mask.to(device)
     if not model.hffm.uses_text:
         text_tokens, text_mask = None, None
+    per_row = None
+    if guidance is not None:
+        if len(guidance[0]) != n or len(guidance[1]) != n:
+            raise ValueError(
+                f"need one g_a and one g_s per row: {n} rows, {len(guidance[0])} g_a, {len(guidance[1])} g_s"
+            )
+        # float32 like the scalars a kernel casts cfg's guidance to, so both paths round alike.
+        per_row = tuple(
+            torch.tensor([float(g) for g in gs], dtype=torch.float32, device=device).view(n, 1, 1, 1)
+            for gs in guidance
+        )  # 2 x (N, 1, 1, 1)
 
     scheduler = make_scheduler(model, cfg)
     scheduler.set_timesteps(cfg.num_steps, device=device)
@@ -179,7 +203,7 @@ def sample(
     model.eval()
     try:
         for t in scheduler.timesteps:
-            eps = _guided_eps(model, x, t, t_a, t_s, text_tokens, text_mask, cfg)  # (N, C, h, w)
+            eps = _guided_eps(model, x, t, t_a, t_s, text_tokens, text_mask, cfg, per_row)  # (N, C, h, w)
             x = scheduler.step(eps, t, x, return_dict=False)[0]  # (N, C, h, w)
         images = model.decode(x)  # (N, 3, H, W) in about [-1, 1]
     finally:

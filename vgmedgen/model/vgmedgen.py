@@ -458,13 +458,17 @@ class VGMedGen(ModelMixin):
         seeds: Sequence[int],
         sampler: SamplerConfig | None = None,
         use_ema: bool = True,
+        guidance: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, 3, H, W) in [0, 1] and their stage-1 pseudo-masks (N, 1, H, W) in [0, 1].
 
-        Image i depends only on (conditions[i], seeds[i]) and the model.
+        Image i depends only on (conditions[i], seeds[i], its guidance) and the model. ``guidance``
+        gives each row its own ``(g_a, g_s)`` in place of ``sampler``'s (see :func:`sample`).
         """
         cfg = sampler or self.config.sampler
-        kwargs = {k: conditions[k] for k in ("text_tokens", "text_mask") if k in conditions}
+        kwargs: dict[str, Any] = {k: conditions[k] for k in ("text_tokens", "text_mask") if k in conditions}
+        if guidance is not None:
+            kwargs["guidance"] = guidance
         if self.ema is not None and use_ema:
             with self.ema.swapped_in(self.generator):
                 images = sample(

@@ -161,6 +161,17 @@ def _conditions(
     return model.conditions_from_reference(images, style=style)
 
 
+def _row_guidance(
+    chunk: Sequence[tuple[int, int]], samplers: Sequence[SamplerConfig]
+) -> tuple[list[float], list[float]] | None:
+    """Each image's ``(g_a, g_s)`` when the requests of ``chunk`` differ in guidance, else None (then the
+    sampler config's two scalars apply, and guidance 1/1 keeps its single transformer pass)."""
+    pairs = [(samplers[i].guidance_anatomy, samplers[i].guidance_style) for i, _ in chunk]
+    if len(set(pairs)) == 1:
+        return None
+    return [a for a, _ in pairs], [s for _, s in pairs]
+
+
 @torch.no_grad()
 def generate_samples(
     model: VGMedGen,
@@ -195,10 +206,12 @@ def generate_samples(
     samplers = [r.sampler(base) for r in requests]
     refs = dict(references or {})
     refs.update(load_references([r for r in requests if r.reference not in refs]))
-    # One sampler batch never mixes ways of conditioning (their condition tensors differ) or settings.
+    # One sampler batch never mixes ways of conditioning (their condition tensors differ) or settings other
+    # than guidance, which the sampler takes per row.
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(requests):
-        key = json.dumps([r.mode, r.style_prompt is not None, samplers[i].model_dump()], sort_keys=True)
+        settings = samplers[i].model_dump(exclude={"guidance_anatomy", "guidance_style"})
+        key = json.dumps([r.mode, r.style_prompt is not None, settings], sort_keys=True)
         groups.setdefault(key, []).append(i)
 
     slots: list[int] = []  # the output position of each image made so far
@@ -219,7 +232,13 @@ def generate_samples(
                     index = torch.tensor([row[i] for i, _ in chunk])
                     cond = {k: v.index_select(0, index.to(v.device)) for k, v in cond.items()}
                 chunk_seeds = [seeds[slot] for _, slot in chunk]
-                img, mask = model.generate(cond, chunk_seeds, samplers[unique[0]], use_ema=use_ema)
+                img, mask = model.generate(
+                    cond,
+                    chunk_seeds,
+                    samplers[unique[0]],
+                    use_ema=use_ema,
+                    guidance=_row_guidance(chunk, samplers),
+                )
                 images.append(img.float().cpu())  # (n_i, 3, H, W)
                 masks.append(mask.float().cpu())  # (n_i, 1, H, W)
                 slots.extend(slot for _, slot in chunk)
