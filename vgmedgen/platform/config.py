@@ -27,6 +27,7 @@ from vgmedgen.model.vgmedgen import ModelConfig
 from vgmedgen.platform.datasets.config import ReaderOptions
 from vgmedgen.platform.evaluation.config import AdherenceConfig, EvaluateConfig
 from vgmedgen.platform.generation.config import GenerateConfig
+from vgmedgen.platform.serving.config import ServeConfig
 from vgmedgen.platform.training.config import TrainConfig
 
 __all__ = [
@@ -170,6 +171,8 @@ class ExperimentConfig(StrictConfig):
     adherence: AdherenceConfig = AdherenceConfig()
     # The generation job (jobs/generate.py); in no training identity.
     generate: GenerateConfig = GenerateConfig()
+    # The Serve application (jobs/serve.py, infra/serve.yaml); in no training identity.
+    serve: ServeConfig = ServeConfig()
 
     def check_trainable(self) -> None:
         """Raise :class:`ConfigError` unless the records' resolution is the model's image size."""

@@ -61,7 +61,7 @@ _NOT_IDENTITY = ("log_every", "fail_at_step", "fail_mode", "sample_every")
 # The model sections each stage's result depends on. Sampler settings are in none of them.
 _MODEL_PARTS = {"visual": ("visual",), "align": ("visual", "text"), "dit": ("visual", "text", "generator")}
 # Sections of the experiment config that change no trained weight: out of the train job's key.
-_NOT_TRAINING = {"tracking", "evaluate", "adherence"}
+_NOT_TRAINING = {"tracking", "evaluate", "adherence", "serve"}
 # Settings of the train section that only guard what may run (a refusal), never what it computes.
 _TRAIN_GUARDS = {"min_mask_fraction"}
 # Data settings added after run names were pinned, left out of every identity while at the default that

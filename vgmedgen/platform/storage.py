@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "file_digest", "row_key", "stable_hash", "stable_int"]
+__all__ = ["atomic_directory", "file_digest", "row_key", "stable_hash", "stable_int", "text_digest"]
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:
@@ -29,6 +29,11 @@ def row_key(seed: int, row_id: object, nbytes: int = 8) -> int:
     It depends only on its arguments, so a sample drawn by smallest keys is the same on any shard layout."""
     digest = hashlib.blake2b(f"{int(seed)}\x00{row_id}".encode(), digest_size=nbytes).digest()
     return int.from_bytes(digest, "little")
+
+
+def text_digest(text: str) -> str:
+    """The sha256 hex digest of a string's UTF-8 bytes (a secret compared without keeping it, a body's identity)."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_digest(path: str | Path) -> str:
