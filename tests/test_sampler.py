@@ -116,8 +116,10 @@ def test_per_row_guidance_equals_each_row_sampled_with_its_own_guidance(model: G
             torch.testing.assert_close(mixed[i], alone[i], rtol=0, atol=0)
         else:  # ...except g = 1/1, which alone takes the single unguided pass: equal up to float rounding.
             torch.testing.assert_close(mixed[i], alone[i], rtol=0, atol=1e-4)
-    assert (mixed[0] - sample(model, t_a, t_s, [1, 2, 3], cfg=FAST.model_copy(
-        update={"guidance_anatomy": 2.0}))[0]).abs().max() > 1e-3  # fmt: skip  (guidance matters)
+    assert (
+        mixed[0]
+        - sample(model, t_a, t_s, [1, 2, 3], cfg=FAST.model_copy(update={"guidance_anatomy": 2.0}))[0]
+    ).abs().max() > 1e-3  # fmt: skip  (guidance matters)
     with pytest.raises(ValueError, match="one g_a and one g_s per row"):
         sample(model, t_a, t_s, [1, 2, 3], cfg=FAST, guidance=([1.0], [1.0]))
 

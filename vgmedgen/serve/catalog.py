@@ -10,6 +10,7 @@ directory it resolved itself, so nothing a request carries ever becomes a path.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,7 @@ class Catalog:
         self._examples = _examples(cfg)
         self.models: list[ServedModel] = [self._resolve(ref) for ref in refs]
         self._checked = time.monotonic()
+        self._lock = threading.Lock()
 
     def _open_tracker(self) -> Tracker | None:
         if self._tracker is None and self.cfg.tracking.enabled:
@@ -124,6 +126,10 @@ class Catalog:
     def refresh(self, force: bool = False) -> list[str]:
         """Look registry aliases up again (at most every ``serve.alias_refresh_s``); returns the names of
         versions that changed."""
+        with self._lock:  # one lookup at a time (requests call this from worker threads)
+            return self._refresh(force)
+
+    def _refresh(self, force: bool) -> list[str]:
         if not force and time.monotonic() - self._checked < self.cfg.serve.alias_refresh_s:
             return []
         self._checked = time.monotonic()

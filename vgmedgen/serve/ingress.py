@@ -199,6 +199,57 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _encode(
+    results: list[ChunkResult], version_id: str, conditions: dict[str, Any], settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Each image (and mask) of ``results`` as base64 PNG with its provenance, in seed order."""
+    images = []
+    for result in results:
+        for k, seed in enumerate(result.seeds):
+            fields = provenance_fields(model_version=version_id, seed=seed, **conditions, **settings)
+            entry = {
+                "seed": seed,
+                "png_base64": _b64(png_bytes(result.images[k], {**fields, "kind": "image"})),
+            }
+            if result.masks is not None:
+                entry["mask_png_base64"] = _b64(png_bytes(result.masks[k], {**fields, "kind": "pseudo-mask"}))
+            images.append(entry)
+    return images
+
+
+def _grid_cells(
+    grid: SwapGrid, images: np.ndarray, version_id: str, settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every cell of a swap grid as JSON: row, column, seed, prompts and the base64 PNG."""
+    out = []
+    for i, c in enumerate(grid.cells()):
+        anatomy, style = grid.anatomy_prompts[c.row], grid.style_prompts[c.column]
+        fields = provenance_fields(
+            model_version=version_id, seed=c.seed, anatomy_prompt=anatomy, style_prompt=style, **settings
+        )
+        out.append(
+            {"row": c.row, "column": c.column, "seed": c.seed, "anatomy_prompt": anatomy, "style_prompt": style,
+             "png_base64": _b64(png_bytes(images[i], fields))}
+        )  # fmt: skip
+    return out
+
+
+def _grid_png(grid: SwapGrid, images: np.ndarray, version_id: str, settings: dict[str, Any]) -> bytes:
+    """The swap-grid picture of ``images`` ((N, H, W, 3) uint8 in cells() order) with its provenance."""
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    # The grid as sampled: the model's defaults filled in where the request left them out.
+    effective = grid.model_copy(
+        update={
+            "num_steps": settings["steps"],
+            "guidance_anatomy": settings["guidance_anatomy"],
+            "guidance_style": settings["guidance_style"],
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = effective.save(tensor, Path(tmp) / "grid.png", effective.provenance(version_id))
+        return path.read_bytes()
+
+
 def _merge_cells(grid: SwapGrid) -> list[SampleRequest]:
     """The grid's images as one request per cell (its seeds consecutive), in :meth:`SwapGrid.cells` order."""
     return [
@@ -337,8 +388,17 @@ class Ingress:
             value = limit
         return min(limit, value) if value > 0 else limit
 
-    def _served(self, name: str | None) -> ServedModel:
-        self.catalog.refresh()
+    async def _refresh(self) -> None:
+        """Look registry aliases up again (in a thread: a moved alias loads and verifies a version)."""
+        try:
+            await asyncio.to_thread(self.catalog.refresh)
+        except Exception:  # noqa: BLE001 - the registry unreachable: keep serving the versions already known
+            log.warning(
+                "could not look the served aliases up again; serving the versions known", exc_info=True
+            )
+
+    async def _served(self, name: str | None) -> ServedModel:
+        await self._refresh()
         return self.catalog.get(name)
 
     def _chunks(
@@ -412,7 +472,7 @@ class Ingress:
     async def models(self) -> dict[str, Any]:
         """The served model versions (the first is the default), their defaults, example prompts and the
         server's limits."""
-        self.catalog.refresh()
+        await self._refresh()
         return {
             "models": self.catalog.describe(),
             "limits": self.settings.limits.model_dump(),
@@ -439,7 +499,7 @@ class Ingress:
         start = time.perf_counter()
         try:
             sample, reference = request_from_item(body, self.settings.limits)
-            served = self._served(body.model)
+            served = await self._served(body.model)
         except RequestError as err:
             return _request_error(err)
         except UnknownModelError as err:
@@ -458,21 +518,7 @@ class Ingress:
             conditions["reference_image"] = f"{reference.shape[1]}x{reference.shape[0]} (uploaded)"
         settings = results[0].settings
         timing = {"total_s": round(elapsed, 4), "sample_s": round(max(r.sample_s for r in results), 4)}
-        images = []
-        for result in results:
-            for k, seed in enumerate(result.seeds):
-                fields = provenance_fields(
-                    model_version=served.version_id, seed=seed, **conditions, **settings
-                )
-                entry = {
-                    "seed": seed,
-                    "png_base64": _b64(png_bytes(result.images[k], {**fields, "kind": "image"})),
-                }
-                if result.masks is not None:
-                    entry["mask_png_base64"] = _b64(
-                        png_bytes(result.masks[k], {**fields, "kind": "pseudo-mask"})
-                    )
-                images.append(entry)
+        images = await asyncio.to_thread(_encode, results, served.version_id, conditions, settings)
         if body.format == "png":
             data = base64.b64decode(images[0]["png_base64"])
             headers = {
@@ -505,12 +551,11 @@ class Ingress:
         """Anatomy prompts (rows) x style prompts (columns): the picture of disentanglement."""
         try:
             grid = grid_from_body(body, self.settings.limits)
-            served = self._served(body.model)
+            served = await self._served(body.model)
         except RequestError as err:
             return _request_error(err)
         except UnknownModelError as err:
             return _error(404, str(err), served=[m.name for m in self.catalog.models])
-        cells = grid.cells()
         chunks = [chunk for r in _merge_cells(grid) for chunk in self._chunks(r, served, None, False)]
         results = await self._run(request, chunks)
         if isinstance(results, JSONResponse):
@@ -523,42 +568,10 @@ class Ingress:
                     "request_id": request.state.request_id,
                     "model": {"name": served.name, "version_id": served.version_id},
                     "parameters": settings,
-                    "cells": [
-                        {
-                            "row": c.row,
-                            "column": c.column,
-                            "seed": c.seed,
-                            "anatomy_prompt": grid.anatomy_prompts[c.row],
-                            "style_prompt": grid.style_prompts[c.column],
-                            "png_base64": _b64(
-                                png_bytes(
-                                    images[i],
-                                    provenance_fields(
-                                        model_version=served.version_id,
-                                        seed=c.seed,
-                                        anatomy_prompt=grid.anatomy_prompts[c.row],
-                                        style_prompt=grid.style_prompts[c.column],
-                                        **settings,
-                                    ),
-                                )
-                            ),
-                        }
-                        for i, c in enumerate(cells)
-                    ],
+                    "cells": await asyncio.to_thread(_grid_cells, grid, images, served.version_id, settings),
                 }
             )
-        tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-        # The grid as sampled: the model's defaults filled in where the request left them out.
-        effective = grid.model_copy(
-            update={
-                "num_steps": settings["steps"],
-                "guidance_anatomy": settings["guidance_anatomy"],
-                "guidance_style": settings["guidance_style"],
-            }
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            path = effective.save(tensor, Path(tmp) / "grid.png", effective.provenance(served.version_id))
-            data = path.read_bytes()
+        data = await asyncio.to_thread(_grid_png, grid, images, served.version_id, settings)
         headers = {
             "X-Model-Version": served.version_id,
             "X-Steps": str(settings["steps"]),
@@ -585,7 +598,7 @@ class Ingress:
                 )
             )
         try:
-            served = self._served(body.model)
+            served = await self._served(body.model)
             chunks = []
             for i, item in enumerate(body.items):
                 try:

@@ -128,19 +128,24 @@ class JobStore:
         job.state, job.started = "running", time.time()
         handle = self._model().options(multiplexed_model_id=job.model["version_id"])
         results: dict[int, Any] = {}
-        pending = list(enumerate(job.chunks))
+        pending = list(range(len(job.chunks)))
+        collected = 0  # chunks collected so far: images are kept in the items' order
         try:
             while pending:
                 batch, pending = pending[:_IN_FLIGHT], pending[_IN_FLIGHT:]
-                calls = [(i, handle.remote(chunk)) for i, chunk in batch]
+                calls = [(i, handle.remote(job.chunks[i])) for i in batch]
+                refused = []
                 for i, call in calls:
                     try:
                         results[i] = await call
                     except BackPressureError:
-                        pending.insert(0, (i, job.chunks[i]))  # the deployment is full: wait, then again
-                        await asyncio.sleep(self.retry_after_s)
-                        continue
-                    self._collect(job, job.chunks[i], results.pop(i))
+                        refused.append(i)  # the deployment is full: wait, then send it again
+                while collected in results:
+                    self._collect(job, job.chunks[collected], results.pop(collected))
+                    collected += 1
+                if refused:
+                    pending = refused + pending
+                    await asyncio.sleep(self.retry_after_s)
             job.state = "succeeded"
         except asyncio.CancelledError:
             job.state = "cancelled"

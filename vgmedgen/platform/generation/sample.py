@@ -232,13 +232,9 @@ def generate_samples(
                     index = torch.tensor([row[i] for i, _ in chunk])
                     cond = {k: v.index_select(0, index.to(v.device)) for k, v in cond.items()}
                 chunk_seeds = [seeds[slot] for _, slot in chunk]
-                img, mask = model.generate(
-                    cond,
-                    chunk_seeds,
-                    samplers[unique[0]],
-                    use_ema=use_ema,
-                    guidance=_row_guidance(chunk, samplers),
-                )
+                guidance = _row_guidance(chunk, samplers)
+                extra = {} if guidance is None else {"guidance": guidance}  # per row only where rows differ
+                img, mask = model.generate(cond, chunk_seeds, samplers[unique[0]], use_ema=use_ema, **extra)
                 images.append(img.float().cpu())  # (n_i, 3, H, W)
                 masks.append(mask.float().cpu())  # (n_i, 1, H, W)
                 slots.extend(slot for _, slot in chunk)
