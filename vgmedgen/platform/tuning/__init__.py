@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: the sweep file (config.py) and its Ray Tune search space (space.py)."""

@@ -1,0 +1,244 @@
+"""A sweep file (``configs/sweeps/*.yaml``): a base experiment, a search space over its dotted config paths,
+the objective, the search algorithm, the scheduler and the trial budget.
+
+In YAML::
+
+    base: ../demo.yaml                 # the experiment every trial starts from (relative to this file)
+    overrides: [train.dit.steps=200]   # applied to the base before the space
+    objective: {metric: kid, mode: min}
+    search: {algorithm: optuna, seed: 0}
+    scheduler: {kind: asha, grace_period: 50, reduction_factor: 2}   # in dit steps
+    trials: 8
+    concurrent_trials: 2
+    space:
+      train.dit.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      model.generator.lora.rank: {choice: [4, 8, 16]}
+      model.generator.hffm.mode: {grid: [separate, hybrid]}
+
+:func:`load_sweep` checks the whole file before any trial starts: every path of the space must exist in
+the base experiment's resolved config, every distribution must have the right shape, and every value the
+space can draw at its ends (each choice and grid value, both bounds of a range) must be one the
+experiment config accepts. Each error names the path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
+from vgmedgen.platform.config import ExperimentConfig, apply_overrides, read_yaml, resolve_output_root
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "OBJECTIVES",
+    "Distribution",
+    "Objective",
+    "ResourceOptions",
+    "SchedulerOptions",
+    "SearchOptions",
+    "Sweep",
+    "SweepConfig",
+    "load_sweep",
+]
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+# What a trial can be ranked by, and which way is better.
+OBJECTIVES: dict[str, Literal["min", "max"]] = {
+    "domain_fd": "min",
+    "fid": "min",
+    "kid": "min",
+    "adherence": "max",
+    "val_loss": "min",
+}
+
+
+class Distribution(StrictConfig):
+    """One dimension of the space: exactly one of ``choice``, ``grid`` (every value, crossed with the
+    other grid dimensions), ``uniform``/``loguniform`` (``[low, high]``) or ``randint`` (``[low, high]``,
+    both ends included)."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        given = [k for k in DISTRIBUTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one distribution of {', '.join(DISTRIBUTIONS)} (got {', '.join(given) or 'none'}), "
+                "e.g. {loguniform: [1.0e-4, 1.0e-2]} or {choice: [4, 8, 16]}"
+            )
+        kind = given[0]
+        if kind in ("choice", "grid") and not getattr(self, kind):
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "randint"):
+            low, high = getattr(self, kind)
+            if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+                raise ValueError(f"{kind} needs [low, high] with low < high, got [{low}, {high}]")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(
+                    f"loguniform needs a positive low bound, got {low}; use uniform for ranges from 0"
+                )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    def ends(self) -> list[Any]:
+        """The values to check against the config: every choice/grid value, or both bounds."""
+        value = getattr(self, self.kind)
+        return list(value)
+
+
+class Objective(StrictConfig):
+    """What ranks the trials: ``metric`` (one of :data:`OBJECTIVES`) and ``mode`` (default: the metric's)."""
+
+    metric: str = "kid"
+    mode: Literal["min", "max"] | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in OBJECTIVES:
+            raise ValueError(f"unknown objective {value!r}; choose one of {', '.join(OBJECTIVES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _mode(self) -> Objective:
+        natural = OBJECTIVES[self.metric]
+        if self.mode is not None and self.mode != natural:
+            raise ValueError(
+                f"{self.metric} is better when lower/higher as {natural}; set mode: {natural} or leave it out"
+            )
+        return self
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        return self.mode or OBJECTIVES[self.metric]
+
+
+class SearchOptions(StrictConfig):
+    """How trials are drawn: ``optuna`` (TPE, seeded), ``random`` (seeded) or ``grid`` (every grid point)."""
+
+    algorithm: Literal["optuna", "random", "grid"] = "optuna"
+    seed: int = 0
+
+
+class SchedulerOptions(StrictConfig):
+    """Early stopping: ``asha`` (grace period and reduction factor in dit steps) or ``none``."""
+
+    kind: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(50, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class ResourceOptions(StrictConfig):
+    """What one trial's training uses (its driver reserves no CPU)."""
+
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class SweepConfig(StrictConfig):
+    """A sweep file (see the module docstring)."""
+
+    base: str
+    overrides: list[str] = Field(default_factory=list)
+    space: dict[str, Distribution] = Field(min_length=1)
+    objective: Objective = Objective()
+    search: SearchOptions = SearchOptions()
+    scheduler: SchedulerOptions = SchedulerOptions()
+    trials: int = Field(8, ge=1)
+    concurrent_trials: int = Field(1, ge=1)
+    resources: ResourceOptions = ResourceOptions()
+    report_every: int = Field(50, ge=1, description="dit steps between two reports of the objective")
+    time_budget_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _grid_search(self) -> SweepConfig:
+        grids = [p for p, d in self.space.items() if d.kind == "grid"]
+        if self.search.algorithm == "grid" and len(grids) != len(self.space):
+            others = [p for p in self.space if p not in grids]
+            raise ValueError(f"search.algorithm grid needs every dimension as a grid; {others} are not")
+        if grids and self.search.algorithm == "optuna":
+            raise ValueError(
+                f"{grids} are grid dimensions, which Optuna cannot draw; use choice, or search.algorithm random/grid"
+            )
+        return self
+
+
+class Sweep:
+    """A checked sweep: its config, the base experiment's data and resolved config, and where it came from."""
+
+    def __init__(
+        self, path: Path, config: SweepConfig, base_data: dict[str, Any], base: ExperimentConfig
+    ) -> None:
+        self.path, self.config, self.base_data, self.base = path, config, base_data, base
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def experiment(self, values: Mapping[str, Any]) -> ExperimentConfig:
+        """The experiment of one trial: the base with ``values`` (dotted path -> value) applied."""
+        return _with_values(self.base_data, values, where=f"sweep {self.name}")
+
+
+def _with_values(data: Mapping[str, Any], values: Mapping[str, Any], where: str) -> ExperimentConfig:
+    overrides = [f"{path}={json.dumps(value)}" for path, value in values.items()]
+    return build_config(ExperimentConfig, apply_overrides(data, overrides), where=where)
+
+
+def _check_path(dump: Mapping[str, Any], path: str) -> None:
+    node: Any = dump
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, Mapping):
+            where = ".".join(parts[:i])
+            raise ConfigError(f"space path {path}: {where} is a value ({node!r}), not a section")
+        if part not in node:
+            where = ".".join(parts[:i]) or "the experiment config"
+            hint = difflib.get_close_matches(part, list(node), n=1)
+            did_you_mean = f"; did you mean {'.'.join([*parts[:i], hint[0]])}?" if hint else ""
+            raise ConfigError(
+                f"space path {path} does not exist: {where} has no field {part!r}{did_you_mean}"
+            )
+        node = node[part]
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and check a sweep file (plus dotted ``overrides`` of the sweep file itself, e.g. ``trials=4``).
+
+    Raises:
+        ConfigError: naming the file, the field or the space path, and what is allowed.
+    """
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    config = build_config(SweepConfig, data, where=str(path))
+    base_path = (path.parent / config.base).resolve()
+    base_data = apply_overrides(read_yaml(base_path), config.overrides)
+    base = build_config(ExperimentConfig, base_data, where=str(base_path))
+    resolve_output_root(base.output_root)
+    dump = base.model_dump(mode="json")
+    for dotted, dist in config.space.items():
+        _check_path(dump, dotted)
+        for value in dist.ends():
+            try:
+                _with_values(base_data, {dotted: value}, where="")
+            except ConfigError as err:
+                raise ConfigError(
+                    f"space path {dotted}: the value {value!r} ({dist.kind}) is one the experiment config refuses:\n{err}"
+                ) from None
+    return Sweep(path, config, base_data, base)
