@@ -175,3 +175,14 @@ def test_dit_stage_artifacts_are_the_swap_grid_of_validation_prompts(tmp_path: P
     assert provenance["anatomy_prompts"].startswith('["') and provenance["seed"] == "0"
     with Image.open(every) as im:  # 4 x 4 cells of 16 px, padded 2 and upscaled 2
         assert im.size == ((4 * 18 + 2) * 2, (4 * 18 + 2) * 2)
+
+
+def test_cell_requests_make_the_images_of_requests_in_fewer_requests() -> None:
+    from vgmedgen.platform.generation.grid import SwapGrid
+
+    grid = SwapGrid(anatomy_prompts=("a", "b"), style_prompts=("c",), seeds_per_cell=3, seed=5, num_steps=4)
+    per_image = [(r.anatomy_prompt, r.style_prompt, r.seed, r.num_steps) for r in grid.requests()]
+    per_cell = [
+        (r.anatomy_prompt, r.style_prompt, s, r.num_steps) for r in grid.cell_requests() for s in r.seeds
+    ]
+    assert per_cell == per_image and len(grid.cell_requests()) == 2

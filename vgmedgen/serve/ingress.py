@@ -16,6 +16,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import re
 import tempfile
 import time
@@ -34,6 +35,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.generation.grid import SwapGrid
 from vgmedgen.platform.generation.request import SampleRequest
@@ -48,6 +50,7 @@ from vgmedgen.serve.schemas import (
     JobBody,
     RequestError,
     grid_from_body,
+    http_settings,
     request_from_item,
 )
 
@@ -72,13 +75,9 @@ app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="stati
 
 def read_token(token_env: str | None, token_file: Path | None) -> str | None:
     """The bearer token: the file's content when ``token_file`` is set, else the variable ``token_env``."""
-    import os
-
     if token_file is not None:
         path = Path(token_file).expanduser()
         if not path.is_file():
-            from vgmedgen.model.configbase import ConfigError
-
             raise ConfigError(
                 f"serve.token_file {path}: no such file; write the token there or unset token_file"
             )
@@ -92,9 +91,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
 
 def _busy(retry_after: float, what: str = "the model queue is full") -> JSONResponse:
     seconds = max(1, int(round(retry_after)))
-    return JSONResponse(
-        {"error": f"{what}; retry in {seconds} s"}, status_code=503, headers={"Retry-After": str(seconds)}
-    )
+    return _error(503, f"{what}; retry in {seconds} s", headers={"Retry-After": str(seconds)})
 
 
 class _BodyTooLarge(Exception):
@@ -199,22 +196,25 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _encode(
-    results: list[ChunkResult], version_id: str, conditions: dict[str, Any], settings: dict[str, Any]
-) -> list[dict[str, Any]]:
+def _encode(results: list[ChunkResult], version_id: str, conditions: dict[str, Any]) -> list[dict[str, Any]]:
     """Each image (and mask) of ``results`` as base64 PNG with its provenance, in seed order."""
     images = []
     for result in results:
-        for k, seed in enumerate(result.seeds):
-            fields = provenance_fields(model_version=version_id, seed=seed, **conditions, **settings)
-            entry = {
-                "seed": seed,
-                "png_base64": _b64(png_bytes(result.images[k], {**fields, "kind": "image"})),
-            }
-            if result.masks is not None:
-                entry["mask_png_base64"] = _b64(png_bytes(result.masks[k], {**fields, "kind": "pseudo-mask"}))
+        for seed, image, mask in result.pngs(version_id, conditions):
+            entry = {"seed": seed, "png_base64": _b64(image)}
+            if mask is not None:
+                entry["mask_png_base64"] = _b64(mask)
             images.append(entry)
     return images
+
+
+def _settings_headers(settings: dict[str, Any]) -> dict[str, str]:
+    """The sampler settings an image was made with, as response headers."""
+    return {
+        "X-Steps": str(settings["num_steps"]),
+        "X-Guidance-Anatomy": str(settings["guidance_anatomy"]),
+        "X-Guidance-Style": str(settings["guidance_style"]),
+    }
 
 
 def _grid_cells(
@@ -237,34 +237,10 @@ def _grid_cells(
 def _grid_png(grid: SwapGrid, images: np.ndarray, version_id: str, settings: dict[str, Any]) -> bytes:
     """The swap-grid picture of ``images`` ((N, H, W, 3) uint8 in cells() order) with its provenance."""
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-    # The grid as sampled: the model's defaults filled in where the request left them out.
-    effective = grid.model_copy(
-        update={
-            "num_steps": settings["steps"],
-            "guidance_anatomy": settings["guidance_anatomy"],
-            "guidance_style": settings["guidance_style"],
-        }
-    )
+    effective = grid.model_copy(update=settings)  # as sampled: the model's defaults filled in
     with tempfile.TemporaryDirectory() as tmp:
         path = effective.save(tensor, Path(tmp) / "grid.png", effective.provenance(version_id))
         return path.read_bytes()
-
-
-def _merge_cells(grid: SwapGrid) -> list[SampleRequest]:
-    """The grid's images as one request per cell (its seeds consecutive), in :meth:`SwapGrid.cells` order."""
-    return [
-        SampleRequest(
-            anatomy_prompt=a,
-            style_prompt=s,
-            seed=grid.seed,
-            n=grid.seeds_per_cell,
-            num_steps=grid.num_steps,
-            guidance_anatomy=grid.guidance_anatomy,
-            guidance_style=grid.guidance_style,
-        )
-        for a in grid.anatomy_prompts
-        for s in grid.style_prompts
-    ]
 
 
 # Everything the class uses is defined above it: Serve pickles the class when it is decorated.
@@ -518,23 +494,21 @@ class Ingress:
             conditions["reference_image"] = f"{reference.shape[1]}x{reference.shape[0]} (uploaded)"
         settings = results[0].settings
         timing = {"total_s": round(elapsed, 4), "sample_s": round(max(r.sample_s for r in results), 4)}
-        images = await asyncio.to_thread(_encode, results, served.version_id, conditions, settings)
         if body.format == "png":
-            data = base64.b64decode(images[0]["png_base64"])
+            ((seed, data, _),) = await asyncio.to_thread(results[0].pngs, served.version_id, conditions)
             headers = {
-                "X-Seed": str(images[0]["seed"]),
+                "X-Seed": str(seed),
                 "X-Model-Version": served.version_id,
-                "X-Steps": str(settings["steps"]),
-                "X-Guidance-Anatomy": str(settings["guidance_anatomy"]),
-                "X-Guidance-Style": str(settings["guidance_style"]),
+                **_settings_headers(settings),
                 "X-Timing-S": f"{elapsed:.4f}",
             }
             return Response(data, media_type="image/png", headers=headers)
+        images = await asyncio.to_thread(_encode, results, served.version_id, conditions)
         return JSONResponse(
             {
                 "request_id": request.state.request_id,
                 "model": {"name": served.name, "version_id": served.version_id, "ref": served.ref},
-                "parameters": {**conditions, "seed": sample.seed, "n": sample.n, **settings},
+                "parameters": {**conditions, "seed": sample.seed, "n": sample.n, **http_settings(settings)},
                 "images": images,
                 "timing": {**timing, "batch_images": max(r.batch_images for r in results)},
             }
@@ -556,7 +530,7 @@ class Ingress:
             return _request_error(err)
         except UnknownModelError as err:
             return _error(404, str(err), served=[m.name for m in self.catalog.models])
-        chunks = [chunk for r in _merge_cells(grid) for chunk in self._chunks(r, served, None, False)]
+        chunks = [chunk for r in grid.cell_requests() for chunk in self._chunks(r, served, None, False)]
         results = await self._run(request, chunks)
         if isinstance(results, JSONResponse):
             return results
@@ -567,17 +541,12 @@ class Ingress:
                 {
                     "request_id": request.state.request_id,
                     "model": {"name": served.name, "version_id": served.version_id},
-                    "parameters": settings,
+                    "parameters": http_settings(settings),
                     "cells": await asyncio.to_thread(_grid_cells, grid, images, served.version_id, settings),
                 }
             )
         data = await asyncio.to_thread(_grid_png, grid, images, served.version_id, settings)
-        headers = {
-            "X-Model-Version": served.version_id,
-            "X-Steps": str(settings["steps"]),
-            "X-Guidance-Anatomy": str(settings["guidance_anatomy"]),
-            "X-Guidance-Style": str(settings["guidance_style"]),
-        }
+        headers = {"X-Model-Version": served.version_id, **_settings_headers(settings)}
         return Response(data, media_type="image/png", headers=headers)
 
     @app.post(f"/{API_VERSION}/jobs", tags=["jobs"], status_code=202)

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from vgmedgen.platform.images import png_bytes, provenance_fields
+from vgmedgen.serve.schemas import http_settings
 
 __all__ = ["JOB_STORE_NAMESPACE", "JobStore", "job_store_name"]
 
@@ -158,20 +158,13 @@ class JobStore:
             self._start_next()
 
     def _collect(self, job: _Job, chunk: Any, result: Any) -> None:
-        request = chunk.request
-        for k in range(len(result.seeds)):
-            fields = provenance_fields(
-                model_version=job.model["version_id"],
-                seed=result.seeds[k],
-                **{key: v for key, v in request.conditions().items() if key != "reference"},
-                **result.settings,
-                kind="image",
-            )
-            job.images.append(png_bytes(result.images[k], fields))
-            if result.masks is not None:
-                job.masks.append(png_bytes(result.masks[k], {**fields, "kind": "pseudo-mask"}))
-            job.seeds.append(result.seeds[k])
-            job.settings.append(result.settings)
+        conditions = {k: v for k, v in chunk.request.conditions().items() if k != "reference"}
+        for seed, image, mask in result.pngs(job.model["version_id"], conditions):
+            job.images.append(image)
+            if mask is not None:
+                job.masks.append(mask)
+            job.seeds.append(seed)
+            job.settings.append(http_settings(result.settings))
         job.done += len(result.seeds)
 
     def _status(self, job: _Job) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from vgmedgen.platform.generation.request import SampleRequest
 from vgmedgen.platform.generation.sample import generate_samples, load_model
+from vgmedgen.platform.images import png_bytes, provenance_fields
 
 __all__ = ["Chunk", "ChunkResult", "ModelServer"]
 
@@ -54,7 +55,7 @@ class ChunkResult:
         images: (n, H, W, 3) uint8.
         masks: (n, H, W) uint8 0/255, or None.
         seeds: each image's seed.
-        settings: the sampler settings used (steps and guidance).
+        settings: the sampler settings used (``num_steps``, ``guidance_anatomy``, ``guidance_style``).
         batch_images: images in the sampler batch this chunk shared.
         sample_s: seconds the batch took.
     """
@@ -65,7 +66,17 @@ class ChunkResult:
     settings: dict[str, Any]
     batch_images: int
     sample_s: float
-    timings: dict[str, float] = field(default_factory=dict)
+
+    def pngs(self, version_id: str, conditions: dict[str, Any]) -> list[tuple[int, bytes, bytes | None]]:
+        """``(seed, image PNG, pseudo-mask PNG or None)`` of each image, both PNGs carrying the provenance
+        every PNG of the platform carries (model version, seed, ``conditions``, sampler settings, kind)."""
+        out = []
+        for k, seed in enumerate(self.seeds):
+            fields = provenance_fields(model_version=version_id, seed=seed, **conditions, **self.settings)
+            image = png_bytes(self.images[k], {**fields, "kind": "image"})
+            mask = None if self.masks is None else png_bytes(self.masks[k], {**fields, "kind": "pseudo-mask"})
+            out.append((seed, image, mask))
+        return out
 
 
 _BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -161,7 +172,7 @@ class ModelServer:
         rgb = samples.images_uint8()
         masks = samples.masks_uint8()
         out, first = [], 0
-        for i, (c, r) in enumerate(zip(chunks, requests)):
+        for c, r in zip(chunks, requests):
             span = slice(first, first + r.n)
             first += r.n
             out.append(
@@ -169,7 +180,7 @@ class ModelServer:
                     images=rgb[span],
                     masks=masks[span] if c.return_masks else None,
                     seeds=samples.seeds[span],
-                    settings=_settings(samples, i),
+                    settings=samples.settings(span.start),
                     batch_images=total,
                     sample_s=elapsed,
                 )
@@ -190,12 +201,3 @@ class ModelServer:
     def check_health(self) -> None:
         """Serve's health check: a replica whose torch cannot run fails it and is replaced."""
         torch.zeros(1).add_(1)
-
-
-def _settings(samples: Any, request_index: int) -> dict[str, Any]:
-    sampler = samples.samplers[request_index]
-    return {
-        "steps": sampler.num_steps,
-        "guidance_anatomy": sampler.guidance_anatomy,
-        "guidance_style": sampler.guidance_style,
-    }

@@ -40,11 +40,17 @@ __all__ = [
     "RequestError",
     "decode_reference",
     "grid_from_body",
+    "http_settings",
     "request_from_item",
 ]
 
 # HTTP field -> the sample request's field it sets (messages name the HTTP field).
 HTTP_NAMES = {"num_steps": "steps", "reference": "reference_image"}
+
+
+def http_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Sampler settings under their HTTP names (``num_steps`` is ``steps`` over HTTP)."""
+    return {HTTP_NAMES.get(k, k): v for k, v in settings.items()}
 
 
 class ItemBody(StrictConfig):

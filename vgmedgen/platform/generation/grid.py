@@ -97,6 +97,23 @@ class SwapGrid(SamplingChecks):
             for c in self.cells()
         ]
 
+    def cell_requests(self) -> list[SampleRequest]:
+        """One request per cell, its ``seeds_per_cell`` images with the cell's consecutive seeds: the images
+        of :meth:`requests` in the same order, in fewer requests."""
+        return [
+            SampleRequest(
+                anatomy_prompt=anatomy,
+                style_prompt=style,
+                seed=self.seed,
+                n=self.seeds_per_cell,
+                num_steps=self.num_steps,
+                guidance_anatomy=self.guidance_anatomy,
+                guidance_style=self.guidance_style,
+            )
+            for anatomy in self.anatomy_prompts
+            for style in self.style_prompts
+        ]
+
     def provenance(self, model_version: str | None = None, **extra: Any) -> dict[str, str]:
         """Provenance of a grid picture: the prompts, the seeds and the settings (plus ``extra``)."""
         return provenance_fields(
