@@ -243,6 +243,35 @@ def test_hybrid_text_tokens_enter_once_projection_is_nonzero(pretrained_dir: Pat
     torch.testing.assert_close(dropped, no_text, rtol=1e-5, atol=1e-5)
 
 
+def test_caption_mode_conditions_on_the_caption_alone(pretrained_dir: Path) -> None:
+    """The baseline without disentanglement: the caption's tokens are the only condition, the streams enter
+    nothing (and do not train), and training drops the caption whenever a stream dropout is drawn."""
+    gen = build_generator(_pretrained_cfg(pretrained_dir, train="full", hffm={"mode": "caption"}))
+    x, t, t_a, t_s = _inputs()
+    text, mask = torch.randn(N, 4, 32), torch.ones(N, 4)
+    with torch.no_grad():
+        torch.nn.init.normal_(gen.hffm.text_proj.weight, std=0.5)
+        base = gen(x, t, t_a, t_s, text_tokens=text, text_mask=mask)
+        other_streams = gen(x, t, t_a + 3.0, t_s - 3.0, text_tokens=text, text_mask=mask)
+        other_caption = gen(x, t, t_a, t_s, text_tokens=text + 1.0, text_mask=mask)
+    torch.testing.assert_close(base, other_streams, rtol=0, atol=0)
+    assert (base - other_caption).abs().max() > 1e-4
+    assert gen.hffm.branches is None
+    trained = [n for n, _ in gen.named_trainable_parameters()]
+    assert (
+        not any(n.startswith(("hffm.anatomy.", "hffm.style.")) for n in trained)
+        and "hffm.text_proj.weight" in trained
+    )
+    with pytest.raises(ValueError, match="caption's tokens alone: pass text_tokens"):
+        gen(x, t, t_a, t_s)
+    images = torch.rand(N, 3, 16, 16) * 2 - 1
+    terms = gen.training_loss(
+        images, t_a, t_s, text_tokens=text, text_mask=mask, generator=torch.Generator().manual_seed(0)
+    )
+    terms["eps"].mean().backward()
+    assert gen.hffm.text_proj.weight.grad.abs().sum() > 0
+
+
 def test_text_tokens_outside_hybrid_is_an_error() -> None:
     gen = build_generator(build_generator_config("tiny"))
     x, t, t_a, t_s = _inputs()

@@ -89,3 +89,65 @@ def test_overrides_of_the_sweep_file_and_of_its_base(tmp_path: Path) -> None:
 def test_bad_sweeps_fail_before_any_trial_naming_the_path(tmp_path: Path, fields: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         load_sweep(_write(tmp_path, **fields))
+
+
+def test_grid_trials_must_be_a_multiple_of_the_grid_points(tmp_path: Path) -> None:
+    space = {"train.dit.lr": {"grid": [1e-4, 1e-3]}, "train.dit.warmup_steps": {"grid": [0, 1, 2]}}
+    path = _write(tmp_path, space=space, search={"algorithm": "grid"}, trials=4)
+    with pytest.raises(ConfigError, match="multiple of the 6 grid points"):
+        load_sweep(path)
+    assert load_sweep(path, ["trials=12"]).config.grid_points == 6
+
+
+def test_trial_experiment_fixes_reporting_and_resources_and_refuses_them_in_the_space(tmp_path: Path) -> None:
+    from vgmedgen.platform.tuning.trial import trial_experiment
+
+    sweep = load_sweep(_write(tmp_path, report_every=4, resources={"workers": 1, "cpus_per_worker": 0.5}))
+    cfg = trial_experiment(sweep, {"train.dit.lr": 3e-3})
+    dit = cfg.train.dit
+    assert dit.lr == 3e-3 and dit.val_every == dit.log_every == dit.checkpoint_every == 4
+    assert cfg.train.scaling.num_workers == 1 and cfg.train.scaling.cpus_per_worker == 0.5
+    with pytest.raises(ConfigError, match="set by the sweep for every trial"):
+        trial_experiment(sweep, {"train.scaling.num_workers": 2})
+
+
+def test_upstream_paths_are_the_ones_that_change_visual_or_align(tmp_path: Path) -> None:
+    from vgmedgen.platform.tuning.runner import _upstream_combinations, upstream_paths
+
+    assert upstream_paths(load_sweep(REPO / "configs" / "sweeps" / "dit.yaml")) == []  # dit and sampler only
+    space = {"train.dit.lr": {"uniform": [1e-4, 1e-3]}, "model.visual.dice_weight": {"uniform": [0.5, 2.0]}}
+    sweep = load_sweep(_write(tmp_path, space=space))
+    assert upstream_paths(sweep) == ["model.visual.dice_weight"]
+    assert (
+        _upstream_combinations(sweep) is None
+    )  # a continuous upstream dimension: the trials train it, locked
+    space = {"train.dit.lr": {"uniform": [1e-4, 1e-3]}, "model.visual.dice_weight": {"choice": [0.5, 1.0]}}
+    sweep = load_sweep(_write(tmp_path, space=space))
+    assert _upstream_combinations(sweep) == [
+        {"model.visual.dice_weight": 0.5},
+        {"model.visual.dice_weight": 1.0},
+    ]
+
+
+def test_sweep_tables_plots_and_rows_round_trip(tmp_path: Path) -> None:
+    from vgmedgen.platform.tuning.report import TrialRow, live_table, write_plots, write_tables
+
+    done = TrialRow("s-trial-aaa", {"train.dit.lr": 1e-3, "model.generator.hffm.mode": "separate"}, "DONE")
+    for step, value in [(2, 0.5), (4, 0.3), (4, 0.25)]:
+        done.record(step, value)
+    stopped = TrialRow(
+        "s-trial-bbb", {"train.dit.lr": 30.0, "model.generator.hffm.mode": "hybrid"}, "STOPPED"
+    )
+    stopped.record(2, 9.0)
+    assert done.history == [(2, 0.5), (4, 0.25)] and done.step == 4 and stopped.objective == 9.0
+    assert TrialRow.from_json(done.to_json()) == done
+    table = live_table([done, stopped], "kid", trials=3, max_t=4)
+    assert "2/3 trials: 1 done, 1 stopped" in table and "STOPPED  2/4" in table
+    csv_path, md_path = write_tables([stopped, done], tmp_path, "kid", best=done)
+    lines = md_path.read_text().splitlines()
+    assert lines[2].startswith("| aaa | * | DONE | 4 | 0.25") and "| bbb |  | STOPPED | 2 | 9 |" in lines[3]
+    assert csv_path.read_text().splitlines()[0].startswith("trial,best,state,dit_step,kid")
+    plots = write_plots([done, stopped], tmp_path, "kid", ["train.dit.lr", "model.generator.hffm.mode"])
+    from PIL import Image
+
+    assert [Image.open(p).size[0] > 400 for p in plots] == [True, True]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vgmedgen.platform.cli import Terminated, run_job
+from vgmedgen.platform.cli import Terminated, interrupt_signal, run_job
 from vgmedgen.platform.tracking import Tracker, TrackingConfig, open_run
 
 
@@ -130,3 +130,81 @@ def test_an_interrupt_the_job_swallows_is_ended_by_the_watchdog(tracker: Tracker
     assert "interrupted (SIGINT): the job did not stop within 1 s" in out
     assert "stubborn_job.py" in out and "in main" in out  # the stack shows where it was
     assert _status(tracker, tracker.find_run("stubborn")) == "KILLED"
+
+
+def test_an_interrupt_that_surfaces_as_another_exception_still_ends_the_job_interrupted(
+    tracker: Tracker, capsys
+) -> None:
+    """SIGTERM landing inside a library call (SQLAlchemy inside an MLflow call) can come out of the job as the
+    library's own error ("This transaction is closed"): the job still ends as interrupted, its run KILLED."""
+    opened: list[str] = []
+
+    def surfaced(argv):
+        with tracker.open_run(key="surfaced", name="surfaced") as run_id:
+            opened.append(run_id)
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+            except KeyboardInterrupt:
+                raise RuntimeError("This transaction is closed") from None  # as SQLAlchemy did
+        return 0
+
+    def swallowed(argv):  # the interrupt is swallowed; a later error no longer carries it in its chain
+        with tracker.open_run(key="swallowed", name="swallowed") as run_id:
+            opened.append(run_id)
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+            except KeyboardInterrupt:
+                pass
+            raise FileNotFoundError("state.pt")  # a user error otherwise (exit 2)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_job(surfaced, []) == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM); it surfaced as RuntimeError: This transaction is closed" in (
+        capsys.readouterr().err
+    )
+    assert run_job(swallowed, []) == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM); it surfaced as FileNotFoundError" in capsys.readouterr().err
+    assert [_status(tracker, r) for r in opened] == ["KILLED", "KILLED"]
+    assert signal.getsignal(signal.SIGTERM) is before and interrupt_signal() is None
+
+    def broken(argv):  # no signal: an error is the job's own, with its traceback
+        with tracker.open_run(key="broken", name="broken") as run_id:
+            opened.append(run_id)
+            raise RuntimeError("This transaction is closed")
+
+    with pytest.raises(RuntimeError, match="transaction is closed"):
+        run_job(broken, [])
+    assert _status(tracker, opened[-1]) == "FAILED"
+
+
+def test_sigterm_inside_an_mlflow_transaction_ends_the_job_interrupted(tracker: Tracker, capsys) -> None:
+    """The real case: SIGTERM lands as SQLAlchemy ends an MLflow write's transaction, and the interrupt comes
+    out as ``MlflowException: This transaction is closed`` (MLflow 3.17, SQLAlchemy 2.1)."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    opened: list[str] = []
+    ends = []
+
+    def sigterm_at_the_second_transaction_end(*args) -> None:
+        ends.append(1)
+        if len(ends) == 2:  # the first is the read of the metric history, the second the write's
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def main(argv):
+        with tracker.open_run(key="in-mlflow", name="in-mlflow") as run_id:
+            opened.append(run_id)
+            sink = tracker.sink(run_id)
+            event.listen(Session, "after_transaction_end", sigterm_at_the_second_transaction_end)
+            try:
+                sink([(0, {"loss": 1.0})])
+            finally:
+                event.remove(Session, "after_transaction_end", sigterm_at_the_second_transaction_end)
+        return 0
+
+    assert run_job(main, []) == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+    assert _status(tracker, opened[0]) == "KILLED"

@@ -548,6 +548,9 @@ class Generator(nn.Module):
             self.lora_modules = []
             backbone.requires_grad_(True)
         self.hffm.requires_grad_(True)
+        if not self.hffm.uses_streams:  # the caption-only baseline: the stream fusions enter nothing
+            self.hffm.anatomy.requires_grad_(False)
+            self.hffm.style.requires_grad_(False)
         if vae is not None:
             vae.requires_grad_(False)
         if cfg.gradient_checkpointing:
@@ -680,11 +683,11 @@ class Generator(nn.Module):
             timesteps: (N,) integer timesteps in ``[0, num_train_timesteps)`` (or a scalar).
             t_a: (N, A) anatomy vectors.
             t_s: (N, S) style vectors.
-            text_tokens: (N, L, B) BERT token sequence, ``hybrid`` mode only.
+            text_tokens: (N, L, B) BERT token sequence (``hybrid`` and ``caption`` modes only).
             text_mask: (N, L) 1 for real caption tokens.
             drop_anatomy: (N,) bool, replace the anatomy stream by its learned null.
             drop_style: (N,) bool, replace the style stream by its learned null.
-            drop_text: (N,) bool, mask the caption tokens out (``hybrid``).
+            drop_text: (N,) bool, mask the caption tokens out (``hybrid``, ``caption``).
 
         Returns:
             (N, C, H, W) float32 prediction (the first half of a learned-sigma output).
@@ -753,7 +756,9 @@ class Generator(nn.Module):
         dropout draws (whole condition / anatomy alone / style alone to learned nulls); in
         ``hybrid`` mode the caption tokens are dropped when the condition comes from the priors,
         when any stream is dropped (they carry both factors), and otherwise with probability
-        ``hffm.text_dropout``; ``text_tokens`` are ignored in the other modes. Then a timestep
+        ``hffm.text_dropout``; in ``caption`` mode (the baseline with one condition) the caption tokens
+        are dropped exactly when a stream dropout is drawn, and the streams enter nothing;
+        ``text_tokens`` are ignored in the other modes. Then a timestep
         and noise are drawn and the noise is predicted.
 
         Args:
@@ -762,7 +767,7 @@ class Generator(nn.Module):
             t_s: (N, S) style vectors from the text heads.
             prior_a: (N, A) the images' visual anatomy priors, or None (text only).
             prior_s: (N, S) the images' visual style priors, or None.
-            text_tokens: (N, L, B) caption token features (``hybrid``).
+            text_tokens: (N, L, B) caption token features (``hybrid``; required in ``caption``).
             text_mask: (N, L) caption token mask.
             generator: the source of noise, timesteps, dropouts and crops.
             step: the optimiser step (``colour.every_k``).
@@ -806,7 +811,11 @@ class Generator(nn.Module):
         )
         drop_anatomy = drop_all | drop_a_only  # (N,)
         drop_style = drop_all | drop_s_only  # (N,)
-        if self.hffm.uses_text and text_tokens is not None:
+        if self.cfg.hffm.mode == "caption":  # one condition: the caption, dropped whenever a stream would be
+            if text_tokens is None:
+                raise ValueError("hffm.mode='caption' trains on the caption's tokens: pass text_tokens")
+            drop_text = drop_anatomy | drop_style
+        elif self.hffm.uses_text and text_tokens is not None:
             drop_text = use_prior | drop_anatomy | drop_style | (u_text < self.cfg.hffm.text_dropout)
         else:
             text_tokens, text_mask, drop_text = None, None, None

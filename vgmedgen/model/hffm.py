@@ -56,8 +56,10 @@ class HFFMConfig(StrictConfig):
     Attributes:
         mode: ``tokens`` (reference parity: stream tokens replace the caption in the shared
             cross-attention), ``separate`` (gated per-stream cross-attention branches; the shared
-            cross-attention sees learned nulls) or ``hybrid`` (``separate`` + BERT caption tokens
-            in the shared cross-attention).
+            cross-attention sees learned nulls), ``hybrid`` (``separate`` + BERT caption tokens
+            in the shared cross-attention) or ``caption`` (the baseline without disentanglement: only
+            the caption's BERT tokens, projected into the shared cross-attention as in ``hybrid``; no
+            stream enters the transformer, so one condition and one guidance scale, ``guidance_style``).
         anatomy_dim: width A of the anatomy vector ``t_a`` (= the visual anatomy prior's width).
         style_dim: width S of the style vector ``t_s``.
         hidden_dim: hidden width of each stream's fusion MLP (256 in the reference).
@@ -69,12 +71,12 @@ class HFFMConfig(StrictConfig):
             ``separate``/``hybrid`` branches (ignored in ``tokens`` mode).
         shared_null_tokens: how many learned null tokens the shared cross-attention receives in
             ``separate``/``hybrid`` mode.
-        text_width: width B of the BERT token sequence (``hybrid`` only).
+        text_width: width B of the BERT token sequence (``hybrid`` and ``caption``).
         text_dropout: probability, during training, of dropping the caption tokens to null in
             ``hybrid`` mode, so that control stays in the streams (at least 0.3).
     """
 
-    mode: Literal["tokens", "separate", "hybrid"] = "separate"
+    mode: Literal["tokens", "separate", "hybrid", "caption"] = "separate"
     anatomy_dim: int = Field(36, ge=1)
     style_dim: int = Field(8, ge=1)
     hidden_dim: int = Field(256, ge=1)
@@ -314,11 +316,12 @@ class HFFM(nn.Module):
         self.text_proj: nn.Linear | None = None
         if cfg.mode != "tokens":
             self.shared_null = nn.Parameter(torch.empty(cfg.shared_null_tokens, caption_channels))
+        if cfg.mode in ("separate", "hybrid"):
             self.branches = nn.ModuleList(
                 nn.ModuleDict({name: StreamBranch(cfg.branch_width, inner_dim) for name in STREAMS})
                 for _ in range(num_layers)
             )
-        if cfg.mode == "hybrid":
+        if self.uses_text:
             self.text_proj = nn.Linear(cfg.text_width, caption_channels)
         self.reset_parameters()
 
@@ -342,11 +345,17 @@ class HFFM(nn.Module):
 
     @property
     def uses_text(self) -> bool:
-        """Whether the caption's token sequence is an input (``hybrid`` mode)."""
-        return self.cfg.mode == "hybrid"
+        """Whether the caption's token sequence is an input (``hybrid`` and ``caption`` modes)."""
+        return self.cfg.mode in ("hybrid", "caption")
+
+    @property
+    def uses_streams(self) -> bool:
+        """Whether the anatomy and style vectors enter the transformer (every mode but ``caption``)."""
+        return self.cfg.mode != "caption"
 
     def attach(self, backbone: nn.Module) -> None:
-        """Install the branch processors on every block's cross-attention (no-op in ``tokens`` mode).
+        """Install the branch processors on every block's cross-attention (no-op in ``tokens`` and
+        ``caption`` modes).
 
         Args:
             backbone: the diffusers PixArt transformer whose ``transformer_blocks`` get branches.
@@ -407,11 +416,15 @@ class HFFM(nn.Module):
             ``(encoder_hidden_states (N, L', C), encoder_attention_mask (N, L') or None,
             cross_attention_kwargs or None)`` for ``PixArtTransformer2DModel.forward``.
         """
-        streams = self.stream_tokens(t_a, t_s, drop_anatomy, drop_style)
         n = t_a.shape[0]
+        if self.cfg.mode == "caption" and text_tokens is None:
+            raise ValueError("hffm.mode='caption' conditions on the caption's tokens alone: pass text_tokens")
+        streams = self.stream_tokens(t_a, t_s, drop_anatomy, drop_style) if self.uses_streams else None
         if self.cfg.mode == "tokens":
             if text_tokens is not None:
-                raise ValueError("text_tokens are only used in hffm.mode='hybrid' (mode is 'tokens')")
+                raise ValueError(
+                    "text_tokens are only used in hffm.mode='hybrid' or 'caption' (mode is 'tokens')"
+                )
             tokens = torch.cat([streams["anatomy"], streams["style"]], dim=1)  # (N, 2K, C)
             return tokens, None, None
 
@@ -419,12 +432,12 @@ class HFFM(nn.Module):
         if shared_null is None:  # unreachable: separate/hybrid always build it
             raise RuntimeError("HFFM was built without shared null tokens")
         null = shared_null.expand(n, -1, -1)  # (N, n0, C)
-        kwargs = {"ip_hidden_states": streams}
+        kwargs = {"ip_hidden_states": streams} if streams is not None else None
         if text_tokens is None:
             return null, None, kwargs
         if self.text_proj is None:
             raise ValueError(
-                f"text_tokens are only used in hffm.mode='hybrid' (mode is '{self.cfg.mode}'); pass None"
+                f"text_tokens are only used in hffm.mode='hybrid' or 'caption' (mode is '{self.cfg.mode}'); pass None"
             )
         if text_tokens.ndim != 3 or text_tokens.shape[0] != n or text_tokens.shape[2] != self.cfg.text_width:
             raise ValueError(

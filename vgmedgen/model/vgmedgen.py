@@ -439,7 +439,17 @@ class VGMedGen(ModelMixin):
         self, images: torch.Tensor, style: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
         """Anatomy from reference images (N, 3, H, W in [-1, 1]) via the visual priors; style from
-        the images too, or from style prompts when given. The caption channel stays null."""
+        the images too, or from style prompts when given. The caption channel stays null.
+
+        Raises:
+            ValueError: the model is the caption-only baseline (``hffm.mode='caption'``), which has no
+                stream for an image's anatomy to enter through.
+        """
+        if not self.generator.hffm.uses_streams:
+            raise ValueError(
+                "this model version is the caption-only baseline (hffm.mode='caption'): it has no anatomy stream "
+                "for a reference image to condition; give it a caption or anatomy and style prompts"
+            )
         prior_a, prior_s = self.visual.priors(images.to(self._device))
         if style is not None:
             _, prior_s = self.text.split_separate(list(style), list(style))

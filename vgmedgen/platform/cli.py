@@ -10,6 +10,13 @@ An interrupted job ends its work the way Ctrl-C does: SIGTERM (what ``ray job st
 run the job holds open ends KILLED (:meth:`vgmedgen.platform.tracking.Tracker.open_run`) and the job
 exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
 
+The interrupt can surface as another exception: raised inside a library that cleans up on the way out
+(SQLAlchemy, inside an MLflow call, ends its transaction and then fails with ``This transaction is closed``,
+which MLflow raises as an ``MlflowException``). Such an exception is still the interrupt
+(:func:`interrupt_signal`): once SIGTERM has reached the job, or when the exception arose while a
+``KeyboardInterrupt`` was being handled, the runs end KILLED and the job exits 128 + the signal number,
+as if the interrupt itself had come out. Without a signal an error keeps its own status and traceback.
+
 An interrupt that does not stop the job (a library that swallows ``KeyboardInterrupt``, or a main
 thread blocked in native code where no Python handler runs) is caught by a watchdog: the signal's
 arrival is seen through :func:`signal.set_wakeup_fd`, which the C-level handler writes to at once, and
@@ -32,7 +39,15 @@ from types import FrameType
 from vgmedgen.model.configbase import ConfigError
 from vgmedgen.platform.config import ExperimentConfig, load_experiment
 
-__all__ = ["INTERRUPT_GRACE_S", "Terminated", "exit_job", "job_parser", "load_from_args", "run_job"]
+__all__ = [
+    "INTERRUPT_GRACE_S",
+    "Terminated",
+    "exit_job",
+    "interrupt_signal",
+    "job_parser",
+    "load_from_args",
+    "run_job",
+]
 
 INTERRUPT_GRACE_S = 30.0  # seconds an interrupted job has to stop on its own before the watchdog ends it
 
@@ -45,8 +60,40 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+# The signal that reached the job run_job runs (SIGTERM, through its handler); None until one does.
+_received: int | None = None
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    global _received
+    _received = signum  # first: whatever the exception becomes on its way out, the job knows it was stopped
     raise Terminated(signum)
+
+
+def interrupt_signal(exc: BaseException | None = None) -> int | None:
+    """The signal number that interrupted the job, or None when it was not interrupted.
+
+    The job was interrupted when ``exc`` is a ``KeyboardInterrupt`` or was raised while one was handled
+    (one is in its ``__cause__``/``__context__`` chain): SIGINT, or the signal of a :class:`Terminated`;
+    or when a SIGTERM has reached the job :func:`run_job` runs, whatever ``exc`` is. Library code the
+    interrupt unwinds through may replace it with an error of its own (SQLAlchemy inside an MLflow call:
+    ``MlflowException: This transaction is closed``); that error is the interrupt, not a failure.
+    """
+    seen: set[int] = set()
+    chain = [exc] if exc is not None else []
+    while chain:
+        e = chain.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            if isinstance(e, Terminated):
+                return e.signum
+            # A library that catches the interrupt and raises a plain KeyboardInterrupt of its own (Ray Tune's
+            # loop does) keeps the signal that came: the one the handler saw, else Ctrl-C's.
+            return _received or signal.SIGINT
+        chain.extend(c for c in (e.__context__, e.__cause__) if c is not None)
+    return _received
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -166,22 +213,49 @@ class _InterruptWatchdog:
 
 def run_job(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a job's ``main``; user errors become one message on stderr and exit status 2, an interrupt
-    (SIGINT, or SIGTERM as :class:`Terminated`) exits 128 + the signal number once open runs are ended."""
+    (SIGINT, or SIGTERM as :class:`Terminated`) exits 128 + the signal number once open runs are ended.
+
+    Any exception that comes out of an interrupted job (:func:`interrupt_signal`: after a SIGTERM reached
+    it, or raised while a ``KeyboardInterrupt`` was handled) is the interrupt, whatever its type.
+    """
+    global _received
     main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        _received = None
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     grace = float(os.environ.get("VGMEDGEN_INTERRUPT_GRACE_S", INTERRUPT_GRACE_S))
     watchdog = _InterruptWatchdog(grace) if main_thread else None
     try:
         return int(main(argv) or 0)
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
-        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    except BaseException as exc:
+        signum = interrupt_signal(exc)
+        if signum is None:
+            if isinstance(exc, _user_errors()):
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            raise
+        _end_interrupted(signum, exc)
         return 128 + signum
     finally:
         if previous is not None:  # None: a handler installed outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, previous)
         if watchdog is not None:  # the job is out of main: exit_job leaves at once from here
             watchdog.close()
+        if main_thread:
+            _received = None
+
+
+def _end_interrupted(signum: int, exc: BaseException) -> None:
+    """Report an interrupted job and end the runs it still holds open KILLED (its ``open_run`` blocks ended
+    theirs on the way out; one held by another thread, or opened outside such a block, is ended here)."""
+    message = f"interrupted ({signal.Signals(signum).name})"
+    if not isinstance(exc, KeyboardInterrupt):  # the interrupt surfaced as another exception
+        detail = str(exc).strip().splitlines()
+        message += f"; it surfaced as {type(exc).__name__}" + (f": {detail[0][:300]}" if detail else "")
+    print(message, file=sys.stderr, flush=True)
+    tracking = sys.modules.get("vgmedgen.platform.tracking")  # loaded only by a job that tracks runs
+    if tracking is not None:
+        try:
+            tracking.end_open_runs("KILLED")
+        except Exception as err:  # the exit must not depend on the tracking server
+            print(f"could not end the open MLflow runs: {err}", file=sys.stderr, flush=True)

@@ -13,7 +13,8 @@ Names:
 - the train job's MLflow parent run ``<experiment>-job-<hash12>`` (:func:`job_key`);
 - model versions, by content (:func:`version_name`), and the built text encoder (:func:`encoder_name`);
 - records (:func:`records_key`, and :func:`records_fingerprint` of their part files), low-data subsets (:func:`subset_name`) and the generation scorer's assets (:func:`scorer_assets_name`);
-- sweep trials ``<sweep>-trial-<hash12>`` (:func:`trial_name`), from the overrides a trial applies;
+- sweeps ``<sweep>-<hash12>`` (:func:`sweep_key`), from the checked sweep file and its base experiment, and
+  their trials ``<sweep key>-trial-<hash12>`` (:func:`trial_name`), from the overrides a trial applies;
 - generation plans ``<model id>-plan-<hash12>`` (:func:`plan_name`) and their shards
   ``<plan>-shard-<index>-of-<count>`` (:func:`shard_name`), which sort in index order.
 
@@ -49,6 +50,7 @@ __all__ = [
     "stage_run_name",
     "scorer_assets_name",
     "subset_name",
+    "sweep_key",
     "trial_name",
     "version_name",
     "write_done",
@@ -201,6 +203,12 @@ def scorer_assets_name(
         ],
         16,
     )
+
+
+def sweep_key(name: str, identity: Mapping[str, Any]) -> str:
+    """A sweep: ``<name>-<hash of its identity>`` (the sweep file's settings and the base experiment it
+    resolves to), so the same command continues the same sweep and an edited sweep file starts a new one."""
+    return f"{name}-{stable_hash(dict(identity), 12)}"
 
 
 def trial_name(sweep: str, overrides: Mapping[str, Any]) -> str:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "file_digest", "row_key", "stable_hash", "stable_int", "text_digest"]
+__all__ = [
+    "atomic_directory",
+    "atomic_write_text",
+    "file_digest",
+    "row_key",
+    "stable_hash",
+    "stable_int",
+    "text_digest",
+]
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:
@@ -59,3 +68,14 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         raise
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file all at once (a sibling temporary file, then a rename): a reader, or a job killed
+    mid-write, never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -151,22 +151,29 @@ class Tracker:
         Yields:
             The run id.
 
-        The status is FINISHED when the block completes, KILLED on ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM
-        through :func:`vgmedgen.platform.cli.run_job`) and FAILED on any other exception, which propagates.
+        The status is FINISHED when the block completes, KILLED when it is interrupted and FAILED on any other
+        exception, which propagates. Interrupted: a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM through
+        :func:`vgmedgen.platform.cli.run_job`), or any exception once the job has been interrupted
+        (:func:`vgmedgen.platform.cli.interrupt_signal`), such as the ``MlflowException`` SQLAlchemy leaves
+        when the interrupt lands inside an MLflow call.
         """
+        from vgmedgen.platform.cli import interrupt_signal
+
         run_id = self._reopen(key, name, parent_id, tags)
         _OPEN_RUNS[run_id] = self
         try:
             yield run_id
-        except KeyboardInterrupt:
-            self._end(run_id, "KILLED")
-            raise
-        except BaseException:
-            self._end(run_id, "FAILED")
+        except BaseException as exc:
+            self._end(run_id, "FAILED" if interrupt_signal(exc) is None else "KILLED")
             raise
         finally:
             _OPEN_RUNS.pop(run_id, None)
-        self.client.set_terminated(run_id, status="FINISHED")
+        try:
+            self.client.set_terminated(run_id, status="FINISHED")
+        except BaseException as exc:
+            if interrupt_signal(exc) is not None:  # interrupted while ending it: the block did complete
+                self._end(run_id, "FINISHED")
+            raise
 
     def find_run(self, key: str) -> str | None:
         """The id of the run tagged with ``key``, if any; its status is left as it is."""
@@ -223,8 +230,9 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def register(self, run_id: str, artifact_path: str) -> str:
-        """Register ``<run artifacts>/<artifact_path>`` (once per run) and point the alias at it; return the version."""
+    def register(self, run_id: str, artifact_path: str, alias: str | None = None) -> str:
+        """Register ``<run artifacts>/<artifact_path>`` (once per run) and point ``alias`` (default:
+        ``tracking.alias``) at it; return the version."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -242,7 +250,7 @@ class Tracker:
             if existing
             else self.client.create_model_version(self.model_name, source, run_id=run_id)
         )
-        self.client.set_registered_model_alias(self.model_name, self.cfg.alias, mv.version)
+        self.client.set_registered_model_alias(self.model_name, alias or self.cfg.alias, mv.version)
         return str(mv.version)
 
     def version_by_alias(self, name: str, alias: str) -> Any:

@@ -565,10 +565,23 @@ class Scorer:
             out.append(float(probs[i, self.classes.index(lab)]) if lab in self.classes else None)
         return out
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Score one batch; the input is left untouched (Ray Data batches are read-only views)."""
+    def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, D) float32 features of (N, H, W, 3) uint8 images per extractor: ``domain``, and ``inception``
+        when the assets name the Inception weights."""
         from vgmedgen.platform.metrics.fidelity import extract_features
 
+        x = _nchw(images)
+        out = {
+            "domain": extract_features(self.domain, x, desc=None, progress=False).numpy().astype(np.float32)
+        }
+        if self.inception is not None:
+            out["inception"] = (
+                extract_features(self.inception, x, desc=None, progress=False).numpy().astype(np.float32)
+            )
+        return out
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Score one batch; the input is left untouched (Ray Data batches are read-only views)."""
         missing = [c for c in ("sample_id", "label", "image", "mask") if c not in batch]
         if missing:
             raise ValueError(f"a scorer batch needs the columns {missing} (from the plan and the sampler)")
@@ -576,12 +589,8 @@ class Scorer:
         masks = np.stack([decode_png(b, "L") > 127 for b in batch["mask"]])  # (N, H, W) bool
         labels = [None if lab is None else str(lab) for lab in batch["label"]]
         x = _nchw(images)
-        domain = extract_features(self.domain, x, desc=None, progress=False).numpy().astype(np.float32)
-        inception = (
-            None
-            if self.inception is None
-            else extract_features(self.inception, x, desc=None, progress=False).numpy().astype(np.float32)
-        )
+        features = self.features(images)
+        domain, inception = features["domain"], features.get("inception")
         out: dict[str, Any] = dict(batch)  # a new dict; the input's arrays are shared, never written
         out["domain_features"] = list(domain)
         out["inception_features"] = [None] * len(labels) if inception is None else list(inception)

@@ -22,7 +22,14 @@ from vgmedgen.platform.training.runner import (
     run_stage,
 )
 
-__all__ = ["TrainSummary", "assemble_version", "train_experiment", "ensure_text_encoder"]
+__all__ = [
+    "TrainSummary",
+    "assemble_version",
+    "ensure_text_encoder",
+    "parts_from",
+    "stage_inputs",
+    "train_experiment",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +101,19 @@ def assemble_version(cfg: ExperimentConfig, parts: dict[str, Path]) -> Path:
     return version_dir
 
 
-def _parts_from(directory: Path) -> dict[str, Path]:
+def stage_inputs(stage: str, parts: dict[str, Path]) -> dict[str, Path]:
+    """What ``stage`` consumes of the parts at hand: nothing (visual); the visual export and the text
+    encoder (align); the visual and text exports (dit)."""
+    if stage == "visual":
+        return {}
+    inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}
+    if stage == "align":
+        inputs["text_encoder"] = parts["text_encoder"]
+    return inputs
+
+
+def parts_from(directory: Path) -> dict[str, Path]:
+    """The parts (visual, text, generator) a model version directory holds."""
     return {
         p: directory / p
         for p in ("visual", "text", "generator")
@@ -129,7 +148,7 @@ def train_experiment(
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     parts: dict[str, Path] = {}
     if cfg.train.init_from:
-        parts.update(_parts_from(resolve_model(cfg.train.init_from, cfg, tracker=tracker).path))
+        parts.update(parts_from(resolve_model(cfg.train.init_from, cfg, tracker=tracker).path))
     parts["text_encoder"] = ensure_text_encoder(cfg)
     # The job's MLflow parent run: one per config (scaling included: it is part of every stage's identity).
     # It ends FINISHED with the job, KILLED if the job is interrupted, FAILED if it raises; a resubmitted
@@ -146,10 +165,7 @@ def train_experiment(
                 tracker.client.set_tag(parent, "lesion_masks", mask_line(census))
         results = []
         for stage in cfg.train.stages:
-            inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}
-            if stage == "align":
-                inputs["text_encoder"] = parts["text_encoder"]
-            inputs = {k: v for k, v in inputs.items() if stage != "visual"}
+            inputs = stage_inputs(stage, parts)
             res = run_stage(cfg, stage, inputs, tracker=tracker, parent_run_id=parent, fresh=fresh)
             parts[PARTS[stage]] = res.export_dir
             results.append(res)

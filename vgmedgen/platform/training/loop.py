@@ -240,6 +240,13 @@ def _train_loop(
             log.info("[%s] already finished (%d steps); nothing to train", task.name, cfg.steps)
             if export_dir is not None:
                 task.export(export_dir)  # the driver may have stopped before it recorded the export
+        # The last checkpoint's metrics, reported again: the driver (and a sweep's report to Tune) gets the
+        # final figures of a run that was stopped after its last checkpoint but before it was marked done.
+        with ckpt.as_directory() as d:
+            final = {
+                k: v for k, v in json.loads((Path(d) / "metrics.json").read_text()).items() if k != "pending"
+            }
+        ctx.report(final, None)
         return {}
 
     if ctx.world > 1:
@@ -324,7 +331,7 @@ def _train_loop(
             _checkpoint(task, opt, sched, step, metrics, ctx, pending, metrics_sink, cfg, fault_marker)
             pending = []
         elif (step + 1) % cfg.log_every == 0:
-            ctx.report(metrics, None)
+            ctx.report({"step": step, **metrics}, None)
     if ctx.rank == 0 and export_dir is not None:
         task.export(export_dir)
         if metrics_sink is not None:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,8 @@ def run_stage(
     tracker: Any = None,
     parent_run_id: str | None = None,
     fresh: bool = False,
+    objective: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> StageResult:
     """Train one stage (or find it finished) and return where its export lies.
 
@@ -139,6 +142,9 @@ def run_stage(
         tracker: a :class:`vgmedgen.platform.tracking.Tracker`, or None to log nowhere.
         parent_run_id: the job's MLflow parent run.
         fresh: move an existing run of the same name aside and start anew.
+        objective: a sweep's :class:`~vgmedgen.platform.tuning.objective.ObjectiveSpec`, measured by the dit
+            stage with every validation (``dit/val_objective``).
+        callbacks: Ray Train callbacks of the stage's trainer (a sweep's report to Tune).
     """
     from vgmedgen.platform.tracking import open_run
 
@@ -178,7 +184,9 @@ def run_stage(
     tags = {"stage": stage, "config_hash": name.rsplit("-", 1)[1]}
     # The stage's run ends with the stage: FINISHED, KILLED (interrupted) or FAILED; a resumed stage reopens it.
     with open_run(tracker, key=name, name=stage, parent_id=parent_run_id, tags=tags) as mlflow_run:
-        metrics = _train_stage(cfg, stage, inputs, name, run_dir, export_dir, tracker, mlflow_run)
+        metrics = _train_stage(
+            cfg, stage, inputs, name, run_dir, export_dir, tracker, mlflow_run, objective, callbacks
+        )
     return StageResult(stage, name, export_dir, True, metrics, mlflow_run)
 
 
@@ -191,6 +199,8 @@ def _train_stage(
     export_dir: Path,
     tracker: Any,
     mlflow_run: str | None,
+    objective: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, float]:
     """Fit the stage's TorchTrainer (resuming from its latest checkpoint), mark it done, log its export."""
     from vgmedgen.platform.training.trainer import build_trainer
@@ -207,6 +217,7 @@ def _train_stage(
         "fault_marker": str(run_dir / "fault_injected"),
         "run_dir": str(run_dir),
         "tracking": {"uri": tracker.uri, "run_id": mlflow_run} if tracker is not None else None,
+        "objective": objective.to_json() if objective is not None else None,
     }
     score_name, score_order = STAGE_SCORES[stage]
     score_key = f"{stage}/val_{score_name}"
@@ -240,6 +251,7 @@ def _train_stage(
         score_order=score_order,
         num_to_keep=stage_cfg.num_to_keep,  # the best by validation score, plus always the latest
         datasets=datasets,
+        callbacks=callbacks,
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -318,6 +330,10 @@ def _run_worker(spec: dict[str, Any], cfg: ExperimentConfig, ctx: Any, device: A
     task = build_task(
         stage, cfg, {k: Path(v) for k, v in spec["inputs"].items()}, device, ctx.rank, ctx.world
     )
+    if spec.get("objective") and stage == "dit" and ctx.rank == 0:  # rank 0 validates
+        from vgmedgen.platform.tuning.objective import ObjectiveSpec, TrialObjective
+
+        task.objective = TrialObjective(ObjectiveSpec.from_json(spec["objective"]), cfg, device)
     sink = None
     if spec["tracking"] and ctx.rank == 0:
         sink = MetricsSink(spec["tracking"]["uri"], spec["tracking"]["run_id"])

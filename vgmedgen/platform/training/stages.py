@@ -231,6 +231,7 @@ class DitTask(_Base):
             self._init_standardization()
         self.ema = EMA(self.module, cfg.model.generator.ema_decay).to(device)
         self.step = 0
+        self.objective: Any = None  # a sweep's TrialObjective, measured with every validation
         self.loss_module = _LossModule(self.module, self._terms)
 
     @torch.no_grad()
@@ -291,7 +292,21 @@ class DitTask(_Base):
                 total += float(terms["eps"].sum())
                 n += len(b["caption"])
             self.module.train()
-        return {"loss": total / max(n, 1)}
+        out = {"loss": total / max(n, 1)}
+        if self.objective is not None:
+            out.update(self._objective(out["loss"]))
+        return out
+
+    def _objective(self, loss: float) -> dict[str, float]:
+        """A sweep's objective (``objective``) and its companions, measured on the EMA model."""
+        if not self.objective.samples:
+            return {"objective": loss}
+        was_training = self.module.training  # VGMedGen puts its parts in eval mode
+        try:
+            values = self.objective(VGMedGen(self.cfg.model, self.visual, self.text, self.module, self.ema))
+        finally:
+            self.module.train(was_training)
+        return {**values, "objective": values[self.objective.spec.metric]}
 
     def state_dict(self) -> dict[str, Any]:
         trained = {n for n, _ in self.module.named_trainable_parameters()}

@@ -106,6 +106,19 @@ class Objective(StrictConfig):
 
     metric: str = "kid"
     mode: Literal["min", "max"] | None = None
+    images: int = Field(
+        32,
+        ge=2,
+        le=4096,
+        description="images sampled (fixed captions and seeds) for each report during training",
+    )
+    seed: int = Field(0, description="the seed of the first of those images (image k: seed + k)")
+    final_top: int = Field(
+        1, ge=0, description="trials re-scored at the end with final_images (the best by their last report)"
+    )
+    final_images: int = Field(
+        256, ge=2, le=100_000, description="images sampled per re-scored trial: FD needs a few hundred"
+    )
 
     @field_validator("metric")
     @classmethod
@@ -176,7 +189,17 @@ class SweepConfig(StrictConfig):
             raise ValueError(
                 f"{grids} are grid dimensions, which Optuna cannot draw; use choice, or search.algorithm random/grid"
             )
+        if grids and self.trials % self.grid_points:
+            raise ValueError(
+                f"trials {self.trials} must be a multiple of the {self.grid_points} grid points (every grid point is "
+                f"run trials / grid points times): set trials to {self.grid_points} or a multiple of it"
+            )
         return self
+
+    @property
+    def grid_points(self) -> int:
+        """How many combinations the grid dimensions make (1 without any)."""
+        return math.prod(len(d.grid or []) for d in self.space.values() if d.kind == "grid")
 
 
 class Sweep:
@@ -190,6 +213,16 @@ class Sweep:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    def to_json(self) -> dict[str, Any]:
+        """The checked sweep as plain data (what a trial on another node rebuilds it from)."""
+        return {"path": str(self.path), "config": self.config.model_dump(mode="json"), "base": self.base_data}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Sweep:
+        config = SweepConfig.model_validate(data["config"])
+        base = build_config(ExperimentConfig, data["base"], where=f"sweep {Path(data['path']).stem}")
+        return cls(Path(data["path"]), config, dict(data["base"]), base)
 
     def experiment(self, values: Mapping[str, Any]) -> ExperimentConfig:
         """The experiment of one trial: the base with ``values`` (dotted path -> value) applied."""

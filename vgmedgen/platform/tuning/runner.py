@@ -1,0 +1,487 @@
+"""The sweep driver: upstream stages first, then the trials under Ray Tune, then the final scoring, the
+table and plots, ``best.yaml`` and the ``sweep-best`` registration.
+
+Layout: everything of a sweep lies in ``<output_root>/sweeps/<sweep key>/`` (:func:`~vgmedgen.platform.runs.sweep_key`):
+Tune's experiment state and trial directories, ``sweep.json`` (status, trials, the stage runs it uses:
+what ``jobs/clean.py`` must keep while the sweep is unfinished), ``trials.csv``/``trials.md``, the plots
+and ``best.yaml``. Running the same command again continues the sweep (``Tuner.restore``): finished
+trials are not re-run, unfinished ones resume from their dit checkpoints, and every MLflow run is found
+again by its key rather than opened anew.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vgmedgen.model.configbase import ConfigError
+from vgmedgen.platform.runs import read_done, stage_identity, sweep_key, trial_name
+from vgmedgen.platform.storage import atomic_write_text
+from vgmedgen.platform.tuning.config import Sweep
+from vgmedgen.platform.tuning.report import TrialRow, live_table, write_plots, write_tables
+from vgmedgen.platform.tuning.trial import (
+    OBJECTIVE_KEY,
+    TIME_ATTR,
+    TrialContext,
+    run_trial,
+    train_upstream,
+    trial_experiment,
+)
+
+__all__ = ["SweepOutcome", "run_sweep", "upstream_paths", "BEST_ALIAS"]
+
+log = logging.getLogger(__name__)
+
+BEST_ALIAS = "sweep-best"
+_UPSTREAM = ("visual", "align")
+_MAX_PRETRAINED = 16  # distinct upstream configurations trained before the trials; beyond, trials train them
+
+
+@dataclass
+class SweepOutcome:
+    key: str
+    directory: Path
+    rows: list[TrialRow]
+    best: TrialRow | None
+    best_yaml: Path | None
+    registered: str | None
+    seconds: float
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def upstream_paths(sweep: Sweep) -> list[str]:
+    """The space paths that change what an upstream stage (visual, align) computes."""
+    base = trial_experiment(sweep, {})
+    ref = {s: stage_identity(base, s) for s in _UPSTREAM}
+    found = []
+    for path, dist in sweep.config.space.items():
+        for value in dist.ends():
+            cfg = trial_experiment(sweep, {path: value})
+            if any(stage_identity(cfg, s) != ref[s] for s in _UPSTREAM):
+                found.append(path)
+                break
+    return found
+
+
+def _upstream_combinations(sweep: Sweep) -> list[dict[str, Any]] | None:
+    """The distinct upstream configurations of the space (as value dicts), or None when they cannot be
+    listed (a continuous upstream dimension, or too many): the trials then train them, under a lock."""
+    paths = upstream_paths(sweep)
+    dims = [sweep.config.space[p] for p in paths]
+    if any(d.kind not in ("choice", "grid") for d in dims):
+        return None
+    combos = [dict(zip(paths, vals)) for vals in itertools.product(*(d.ends() for d in dims))]
+    return combos if len(combos) <= _MAX_PRETRAINED else None
+
+
+def _identity(sweep: Sweep) -> dict[str, Any]:
+    return {"sweep": sweep.config.model_dump(mode="json"), "base": sweep.base.model_dump(mode="json")}
+
+
+class _SweepCallback:
+    """Tune callback on the driver: the live table, trial end states in MLflow and ``sweep.json``."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from ray.tune import Callback
+
+        class SweepCallback(Callback):
+            def __init__(self, runner: _Sweep | None) -> None:
+                self.runner = runner
+
+            def __reduce__(self) -> Any:
+                # Tune pickles its run config (tuner.pkl); the driver's state is this process's alone, and a
+                # restored sweep sets a new callback (_set_callbacks).
+                return (_SweepCallback, (None,))
+
+            def on_trial_result(
+                self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+            ) -> None:
+                if self.runner is not None:
+                    self.runner.update(trial, result)
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                if self.runner is not None:
+                    self.runner.ended(trial, "FINISHED")
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                if self.runner is not None:
+                    self.runner.ended(trial, "FAILED")
+
+        return SweepCallback(*args, **kwargs)
+
+
+class _Sweep:
+    """The state of one sweep run on the driver."""
+
+    def __init__(self, sweep: Sweep, key: str, directory: Path, tracker: Any, parent: str | None) -> None:
+        self.sweep, self.key, self.directory, self.tracker, self.parent = (
+            sweep,
+            key,
+            directory,
+            tracker,
+            parent,
+        )
+        self.max_t = max(self._steps_values())
+        self.rows: dict[str, TrialRow] = {}
+        self.stage_runs: set[str] = set()
+        self._printed = ""
+        state = directory / "sweep.json"
+        if state.is_file():  # a resumed sweep: what is known of its trials
+            for t in json.loads(state.read_text()).get("trials", []):
+                self.rows[t["trial"]] = TrialRow.from_json(t)
+
+    def _steps_values(self) -> list[int]:
+        dist = self.sweep.config.space.get("train.dit.steps")
+        if dist is None:
+            return [self.sweep.base.train.dit.steps]
+        return [int(v) for v in dist.ends()]
+
+    def row(self, trial: Any) -> TrialRow:
+        values = dict(trial.config)
+        name = trial_name(self.key, values)
+        row = self.rows.get(name)
+        if row is None:
+            row = self.rows[name] = TrialRow(name, values)
+        row.trial_id = trial.trial_id
+        return row
+
+    def update(self, trial: Any, result: Mapping[str, Any]) -> None:
+        row = self.row(trial)
+        row.state = "RUNNING"
+        if OBJECTIVE_KEY in result and TIME_ATTR in result:
+            row.record(int(result[TIME_ATTR]), float(result[OBJECTIVE_KEY]))
+            self.save("running")  # the reports so far: what a restarted sweep tells its scheduler again
+        self.show()
+
+    def ended(self, trial: Any, status: str) -> None:
+        row = self.row(trial)
+        stopped = status == "FINISHED" and (row.step or 0) < self.max_t
+        row.state = "STOPPED" if stopped else ("DONE" if status == "FINISHED" else "ERROR")
+        if self.tracker is not None:
+            run = self.tracker.find_run(row.name)
+            if run is not None:
+                row.mlflow_run_id = run
+                tags = self.tracker.client.get_run(run).data.tags
+                for key, value in tags.items():
+                    if key.startswith("run."):
+                        row.stage_runs[key[4:]] = value
+                if stopped:
+                    self.tracker.client.set_tag(run, "early_stopped", f"ASHA at dit step {row.step}")
+                    dit = self.tracker.find_run(row.stage_runs.get("dit", ""))
+                    if dit is not None and self.tracker.client.get_run(dit).info.status == "RUNNING":
+                        self.tracker.client.set_tag(dit, "early_stopped", f"ASHA at dit step {row.step}")
+                        self.tracker.client.set_terminated(dit, status="KILLED")
+                if self.tracker.client.get_run(run).info.status == "RUNNING":
+                    self.tracker.client.set_terminated(
+                        run, status="FINISHED" if status == "FINISHED" else "FAILED"
+                    )
+        self.save("running")
+        self.show(force=True)
+
+    def show(self, force: bool = False) -> None:
+        text = live_table(
+            list(self.rows.values()), self.sweep.config.objective.metric, self.sweep.config.trials, self.max_t
+        )
+        if force or text != self._printed:
+            print(text, flush=True)
+            self._printed = text
+
+    def save(self, status: str) -> None:
+        rows = sorted(self.rows.values(), key=lambda r: r.name)
+        for r in rows:
+            self.stage_runs.update(r.stage_runs.values())
+        atomic_write_text(
+            self.directory / "sweep.json",
+            json.dumps(
+                {
+                    "name": self.sweep.name,
+                    "key": self.key,
+                    "status": status,
+                    "sweep_file": str(self.sweep.path),
+                    "stage_runs": sorted(self.stage_runs),
+                    "trials": [r.to_json() for r in rows],
+                },
+                indent=2,
+            ),
+        )
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    address: str | None = None,
+    fresh: bool = False,
+) -> SweepOutcome:
+    """Run (or continue) ``sweep``; see the module docstring.
+
+    Args:
+        sweep: the checked sweep (:func:`~vgmedgen.platform.tuning.config.load_sweep`).
+        address: Ray cluster address (None: ``RAY_ADDRESS`` or a local instance).
+        fresh: move an earlier run of the same sweep aside and start anew.
+    """
+    from ray import tune
+
+    from vgmedgen.platform.cluster import connect
+    from vgmedgen.platform.prepare import prepare_records
+    from vgmedgen.platform.tracking import RUN_KEY_TAG, Tracker, open_run
+    from vgmedgen.platform.training.runner import check_real_records
+    from vgmedgen.platform.tuning.objective import prepare_objective
+    from vgmedgen.platform.tuning.space import search_algorithm, tune_space
+
+    t0 = time.perf_counter()
+    base = trial_experiment(sweep, {})
+    if "dit" not in base.train.stages:
+        raise ConfigError(
+            f"sweep {sweep.name}: the base experiment's train.stages {list(base.train.stages)} lack dit, the stage "
+            "every trial reports its objective from; add dit (with train.init_from for the stages left out)"
+        )
+    connect(address, include_dashboard=True)  # Train inside Tune needs it (a stopped trial's placement group)
+    prepare_records(base, address=address)
+    check_real_records(base)
+    key = sweep_key(sweep.name, _identity(sweep))
+    storage = base.root / "sweeps"
+    directory = storage / key
+    tracker = Tracker(base.tracking, base.root, base.name) if base.tracking.enabled else None
+    if fresh and directory.exists():
+        aside = storage / f"{key}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        directory.rename(aside)
+        print(f"--fresh: moved the earlier sweep to {aside}", flush=True)
+        if tracker is not None:  # the sweep's parent run and its trial runs: new ones for the new sweep
+            suffix = f".old-{time.strftime('%Y%m%d-%H%M%S')}"
+            for run in tracker.client.search_runs([tracker.experiment_id], f"tags.sweep = '{key}'"):
+                name = run.data.tags.get(RUN_KEY_TAG)
+                if name:
+                    tracker.retire(name, name + suffix)
+            tracker.retire(key, key + suffix)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = sweep.config
+    metric = cfg.objective.metric
+    with open_run(tracker, key=key, name=f"{sweep.name}-sweep", tags={"job": "sweep"}) as parent:
+        state = _Sweep(sweep, key, directory, tracker, parent)
+        if tracker is not None:
+            tracker.log_params(parent, {"sweep": cfg.model_dump(mode="json"), "sweep_file": str(sweep.path)})
+        state.save("running")
+        objective = prepare_objective(base, metric, cfg.objective.images, cfg.objective.seed, address=address)
+        combos = _upstream_combinations(sweep)
+        if combos is not None:  # the distinct upstream stages first, each once, then the trials fan out
+            for combo in combos:
+                _, results = train_upstream(trial_experiment(sweep, combo), tracker, parent)
+                state.stage_runs.update(r.run_name for r in results)
+        state.save("running")
+        context = TrialContext(sweep.to_json(), key, parent, objective.to_json()).to_json()
+        # The trial's driver reserves no CPU (its trainer's workers take their own placement group); Tune
+        # refuses an empty request, so it asks for one byte of memory instead.
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": 1}
+        )
+        space = tune_space(sweep)
+        callback = _SweepCallback(state)
+        if tune.Tuner.can_restore(str(directory)) and (directory / "tuner.pkl").is_file():
+            print(f"[sweep] continuing {key}: finished trials are kept, unfinished ones resume", flush=True)
+            tuner = tune.Tuner.restore(
+                str(directory), trainable, resume_unfinished=True, resume_errored=True, param_space=space
+            )
+            history = {r.trial_id: r.history for r in state.rows.values() if r.trial_id and r.history}
+            # Tuner.restore takes no scheduler, and the pickled one has lost its rungs: set a new one.
+            tuner._local_tuner._tune_config.scheduler = _scheduler(sweep, state.max_t, history)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric=OBJECTIVE_KEY,
+                    mode=cfg.objective.direction,
+                    search_alg=search_algorithm(sweep),
+                    scheduler=_scheduler(sweep, state.max_t, {}),
+                    num_samples=cfg.trials // cfg.grid_points,
+                    max_concurrent_trials=cfg.concurrent_trials,
+                    time_budget_s=cfg.time_budget_s,
+                ),
+                run_config=tune.RunConfig(
+                    name=key, storage_path=str(storage), callbacks=[callback], verbose=0
+                ),
+            )
+        _set_callbacks(tuner, callback)
+        # Tune's own Ctrl-C handler would end fit() normally with trials unfinished, and the sweep would go on to
+        # its final scoring; without it an interrupt ends the job as every job's does (runs KILLED, exit 130),
+        # and the same command continues the sweep.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        grid = tuner.fit()
+        _rows_from_results(state, grid)
+        rows = sorted(state.rows.values(), key=lambda r: r.name)
+        best = _final_scoring(sweep, state, objective, rows, tracker)
+        outcome = SweepOutcome(key, directory, rows, best, None, None, 0.0)
+        if best is not None:
+            outcome.best_yaml, outcome.registered = _best(sweep, key, best, tracker, directory)
+        outcome.artifacts = write_tables(rows, directory, metric, best) + write_plots(
+            rows, directory, metric, list(cfg.space)
+        )
+        state.save("finished")
+        state.show(force=True)
+        if tracker is not None:
+            for path in outcome.artifacts:
+                tracker.log_artifact(parent, path, "sweep")
+            if best is not None and best.objective is not None:
+                tracker.client.log_metric(parent, f"best_{metric}", best.objective)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _scheduler(sweep: Sweep, max_t: int, history: Mapping[str, list[tuple[int, float]]]) -> Any:
+    """ASHA in dit steps, told again what the trials reported before a restart (``history``: Tune trial id ->
+    its reports). Tune saves the search algorithm's state with the experiment but not the scheduler's: a
+    restored ASHA would start with empty rungs and let the next weak trial run on."""
+    cfg = sweep.config.scheduler
+    if cfg.kind == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ResumedASHA(ASHAScheduler):
+        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+            super().on_trial_add(tune_controller, trial)
+            bracket = self._trial_info[trial.trial_id]
+            for step, value in history.get(trial.trial_id, []):  # what it reported before the restart
+                bracket.on_result(trial, step, self._metric_op * value)
+
+    return ResumedASHA(
+        time_attr=TIME_ATTR,
+        # ASHA stops a trial that reaches max_t at once, before its dit stage has exported and marked itself
+        # done: one step beyond the last lets every trial that survives the rungs finish on its own.
+        max_t=max_t + 1,
+        grace_period=min(cfg.grace_period, max_t),
+        reduction_factor=cfg.reduction_factor,
+    )
+
+
+def _set_callbacks(tuner: Any, callback: Any) -> None:
+    """A restored Tuner keeps the run config it was pickled with; the driver callback is this process's."""
+    internal = tuner._local_tuner  # noqa: SLF001 -- Tuner.restore offers no way to pass callbacks
+    run_config = internal.get_run_config()
+    others = [c for c in (run_config.callbacks or []) if type(c).__name__ != "SweepCallback"]
+    run_config.callbacks = [*others, callback]
+
+
+def _rows_from_results(state: _Sweep, grid: Any) -> None:
+    """Complete the rows from Tune's results (trials that ended in an earlier run of the sweep included)."""
+    for result in grid:
+        values = dict(result.config or {})
+        if not values:
+            continue
+        name = trial_name(state.key, values)
+        row = state.rows.get(name) or state.rows.setdefault(name, TrialRow(name, values))
+        df = result.metrics_dataframe
+        if df is not None and OBJECTIVE_KEY in df and TIME_ATTR in df:
+            for step, value in zip(df[TIME_ATTR], df[OBJECTIVE_KEY]):
+                if step == step and value == value:  # not NaN
+                    row.record(int(step), float(value))
+        if result.error is not None:
+            row.state, row.error = "ERROR", str(result.error).splitlines()[0][:200]
+        elif row.state in ("PENDING", "RUNNING"):
+            row.state = "STOPPED" if (row.step or 0) < state.max_t else "DONE"
+        if state.tracker is not None and row.mlflow_run_id is None:
+            row.mlflow_run_id = state.tracker.find_run(name)
+            if row.mlflow_run_id is not None:
+                tags = state.tracker.client.get_run(row.mlflow_run_id).data.tags
+                row.stage_runs.update({k[4:]: v for k, v in tags.items() if k.startswith("run.")})
+
+
+def _final_scoring(
+    sweep: Sweep, state: _Sweep, objective: Any, rows: list[TrialRow], tracker: Any
+) -> TrialRow | None:
+    """The best trial: the finished trials ranked by their last objective; the top ``objective.final_top``
+    re-scored with ``objective.final_images`` images (KID and FD; FID with the Inception weights) and
+    ranked by that instead when the objective is a distance."""
+    from vgmedgen.platform.tuning.objective import SCORED_METRICS
+
+    ocfg = sweep.config.objective
+    sign = 1 if ocfg.direction == "min" else -1
+    done = [r for r in rows if r.state == "DONE" and r.objective is not None]
+    done.sort(key=lambda r: sign * r.objective)
+    if not done:
+        return None
+    top = done[: ocfg.final_top]
+    if ocfg.metric in SCORED_METRICS and top:
+        for row in top:
+            row.final = _score_trial(sweep, row, objective, ocfg.final_images)
+            if tracker is not None and row.mlflow_run_id:
+                for k, v in row.final.items():
+                    tracker.client.log_metric(row.mlflow_run_id, f"final_{k}", v)
+        top.sort(key=lambda r: sign * r.final[ocfg.metric])
+        return top[0]
+    return done[0]
+
+
+def _trial_version(sweep: Sweep, row: TrialRow) -> tuple[Any, Path, list[Any]]:
+    """A finished trial's experiment, its assembled model version and its stage results."""
+    from vgmedgen.platform.training.driver import assemble_version, parts_from
+    from vgmedgen.platform.training.runner import PARTS, StageResult
+
+    cfg = trial_experiment(sweep, row.values)
+    parts: dict[str, Path] = {}
+    if cfg.train.init_from:
+        from vgmedgen.platform.tracking import resolve_model
+
+        parts.update(parts_from(resolve_model(cfg.train.init_from, cfg).path))
+    results = []
+    for stage in cfg.train.stages:
+        run = row.stage_runs.get(stage)
+        done = read_done(cfg.root / "runs" / run) if run else None
+        if done is None:
+            raise RuntimeError(f"trial {row.name}: its {stage} stage run {run} is not finished")
+        export = cfg.root / "runs" / run / "export" / PARTS[stage]
+        parts[PARTS[stage]] = export
+        results.append(StageResult(stage, run, export, False, done.get("metrics", {})))
+    return cfg, assemble_version(cfg, parts), results
+
+
+def _score_trial(sweep: Sweep, row: TrialRow, objective: Any, images: int) -> dict[str, float]:
+    from vgmedgen.platform.generation.sample import generate_samples, load_model
+    from vgmedgen.platform.generation.score import Scorer
+    from vgmedgen.platform.tuning.objective import fixed_requests, score_images
+
+    cfg, version, _ = _trial_version(sweep, row)
+    print(f"[sweep] scoring trial {row.short} with {images} images ...", flush=True)
+    scorer = Scorer(objective.assets_dir)
+    requests, labels = fixed_requests(cfg.records_dir, images, objective.seed + 1_000_000)
+    samples = generate_samples(load_model(version), requests, progress=True)
+    return score_images(scorer, samples.images_uint8(), labels, objective.metric, objective.seed)
+
+
+def _best(sweep: Sweep, key: str, best: TrialRow, tracker: Any, directory: Path) -> tuple[Path, str | None]:
+    """Write ``best.yaml`` (the best trial's full resolved config) and register its model version as
+    ``<model>@sweep-best`` (never ``current``)."""
+    import yaml
+
+    from vgmedgen.platform.modelcard import write_model_card
+
+    cfg, version, results = _trial_version(sweep, best)
+    data = cfg.model_dump(mode="json")
+    data["output_root"] = str(cfg.root)  # the same root: jobs/train.py --config best.yaml finds the runs
+    header = (
+        f"# The best trial of sweep {sweep.name} ({key}): trial {best.short}, {sweep.config.objective.metric} "
+        f"{best.objective:.6g} at dit step {best.step}.\n"
+        f"# Its sampled values: {json.dumps(best.values)}\n"
+        "# python jobs/train.py --config best.yaml reuses its finished runs; add --fresh to train them again.\n"
+    )
+    path = directory / "best.yaml"
+    atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
+    registered = None
+    if tracker is not None and best.mlflow_run_id:
+        run = best.mlflow_run_id
+        card = write_model_card(version, cfg, results, train_run_id=run)
+        if "model_version" not in {a.path for a in tracker.client.list_artifacts(run)}:
+            tracker.log_artifacts(run, version, "model_version")
+        tracker.client.set_tag(run, "model_version", version.name)
+        number = tracker.register(run, "model_version", alias=BEST_ALIAS)
+        registered = f"{tracker.model_name} v{number} @{BEST_ALIAS}"
+        write_model_card(version, cfg, results, train_run_id=run, registered=registered)
+        tracker.log_artifact(run, card, "model_version")
+        tracker.log_artifact(run, path, "sweep")
+    return path, registered
