@@ -33,6 +33,7 @@ from vgmedgen.platform.tuning.trial import (
     run_trial,
     train_upstream,
     trial_experiment,
+    trial_stage_runs,
 )
 
 __all__ = ["SweepOutcome", "run_sweep", "upstream_paths", "BEST_ALIAS"]
@@ -385,6 +386,8 @@ def _rows_from_results(state: _Sweep, grid: Any) -> None:
             row.state, row.error = "ERROR", str(result.error).splitlines()[0][:200]
         elif row.state in ("PENDING", "RUNNING"):
             row.state = "STOPPED" if (row.step or 0) < state.max_t else "DONE"
+        if not row.stage_runs:  # tracking off (no tags to read them from), or a trial that never started
+            row.stage_runs.update(trial_stage_runs(trial_experiment(state.sweep, values)))
         if state.tracker is not None and row.mlflow_run_id is None:
             row.mlflow_run_id = state.tracker.find_run(name)
             if row.mlflow_run_id is not None:
@@ -429,9 +432,10 @@ def _trial_version(sweep: Sweep, row: TrialRow) -> tuple[Any, Path, list[Any]]:
         from vgmedgen.platform.tracking import resolve_model
 
         parts.update(parts_from(resolve_model(cfg.train.init_from, cfg).path))
+    runs = trial_stage_runs(cfg)
     results = []
     for stage in cfg.train.stages:
-        run = row.stage_runs.get(stage)
+        run = runs.get(stage)
         done = read_done(cfg.root / "runs" / run) if run else None
         if done is None:
             raise RuntimeError(f"trial {row.name}: its {stage} stage run {run} is not finished")

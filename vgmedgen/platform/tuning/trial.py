@@ -31,6 +31,7 @@ __all__ = [
     "run_trial",
     "stage_lock",
     "train_upstream",
+    "trial_stage_runs",
     "trial_experiment",
 ]
 
@@ -102,6 +103,27 @@ def train_upstream(
         parts[PARTS[stage]] = res.export_dir
         results.append(res)
     return parts, results
+
+
+def trial_stage_runs(cfg: ExperimentConfig) -> dict[str, str]:
+    """The stage run names of a trial's experiment (stage -> run name), computed as its training names them,
+    from the finished exports of the stages before each (nothing is trained; a stage whose input export is
+    missing ends the list)."""
+    from vgmedgen.platform.tracking import resolve_model
+    from vgmedgen.platform.training.driver import ensure_text_encoder, parts_from, stage_inputs
+
+    parts: dict[str, Path] = {}
+    if cfg.train.init_from:
+        parts.update(parts_from(resolve_model(cfg.train.init_from, cfg).path))
+    parts["text_encoder"] = ensure_text_encoder(cfg)
+    names = {}
+    for stage in cfg.train.stages:
+        inputs = stage_inputs(stage, parts)
+        if any(not (Path(p) / "manifest.json").is_file() for k, p in inputs.items() if k != "text_encoder"):
+            break
+        names[stage] = stage_run_name(cfg, stage, inputs)
+        parts[PARTS[stage]] = cfg.root / "runs" / names[stage] / "export" / PARTS[stage]
+    return names
 
 
 @dataclass(frozen=True)
