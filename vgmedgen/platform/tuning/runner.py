@@ -412,6 +412,8 @@ def _final_scoring(
     top = done[: ocfg.final_top]
     if ocfg.metric in SCORED_METRICS and top:
         for row in top:
+            if ocfg.metric in row.final:  # scored when this sweep ended before (the same command run again)
+                continue
             row.final = _score_trial(sweep, row, objective, ocfg.final_images)
             if tracker is not None and row.mlflow_run_id:
                 for k, v in row.final.items():
