@@ -151,3 +151,49 @@ def test_sweep_tables_plots_and_rows_round_trip(tmp_path: Path) -> None:
     from PIL import Image
 
     assert [Image.open(p).size[0] > 400 for p in plots] == [True, True]
+
+
+def test_variants_are_named_override_sets_checked_before_any_trial(tmp_path: Path) -> None:
+    from vgmedgen.platform.tuning.runner import _upstream_combinations, upstream_paths
+    from vgmedgen.platform.tuning.trial import trial_experiment
+
+    variants = {
+        "full": [],
+        "caption": ["model.generator.hffm.mode=caption"],
+        "area": ["model.visual.prior=area", "model.generator.colour.weight=0"],
+    }
+    space = {"variant": {"grid": ["full", "caption", "area"]}, "seed": {"grid": [0, 1]}}
+    sweep = load_sweep(
+        _write(tmp_path, variants=variants, space=space, search={"algorithm": "grid"}, trials=6)
+    )
+    caption = trial_experiment(sweep, {"variant": "caption", "seed": 1})
+    assert caption.model.generator.hffm.mode == "caption" and caption.seed == 1
+    area = trial_experiment(sweep, {"variant": "area", "seed": 0})
+    assert area.model.visual.prior == "area" and area.model.generator.colour.weight == 0
+    assert (
+        area.model.generator.hffm.anatomy_dim != caption.model.generator.hffm.anatomy_dim
+    )  # derived from it
+    assert sorted(upstream_paths(sweep)) == ["seed", "variant"]
+    # full and caption share their upstream stages: 2 distinct visual/align pairs per seed, not 3
+    assert len(_upstream_combinations(sweep)) == 4
+
+    def refused(match: str, **fields) -> None:
+        with pytest.raises(ConfigError, match=match):
+            load_sweep(_write(tmp_path, **{"search": {"algorithm": "grid"}, "trials": 6, **fields}))
+
+    refused(
+        "not variants of this sweep", variants=variants, space={**space, "variant": {"grid": ["full", "ful"]}}
+    )
+    refused("has no `variant` dimension", variants=variants, space={"seed": {"grid": [0, 1, 2, 3, 4, 5]}})
+    refused(
+        "use choice or grid",
+        variants=variants,
+        space={"variant": {"uniform": [0, 1]}},
+        search={"algorithm": "random"},
+    )
+    bad_path = {**variants, "caption": ["model.generator.hfm.mode=caption"]}
+    refused(r"variant caption, override .*did you mean model.generator.hffm", variants=bad_path, space=space)
+    bad_value = {**variants, "caption": ["model.generator.hffm.mode=captions"]}
+    refused(
+        "variant caption: its overrides make a config the experiment refuses", variants=bad_value, space=space
+    )

@@ -15,10 +15,22 @@ In YAML::
       model.generator.lora.rank: {choice: [4, 8, 16]}
       model.generator.hffm.mode: {grid: [separate, hybrid]}
 
+Variants are named sets of overrides, swept through the special space path ``variant`` (a comparison of
+methods rather than of one setting)::
+
+    variants:
+      full: []
+      caption: [model.generator.hffm.mode=caption]
+      no_colour: [model.generator.colour.weight=0]
+    space:
+      variant: {grid: [full, caption, no_colour]}
+      seed: {grid: [0, 1, 2]}
+
 :func:`load_sweep` checks the whole file before any trial starts: every path of the space must exist in
 the base experiment's resolved config, every distribution must have the right shape, and every value the
 space can draw at its ends (each choice and grid value, both bounds of a range) must be one the
-experiment config accepts. Each error names the path.
+experiment config accepts. Each error names the path. Every variant's overrides must build a config the
+experiment accepts, and the ``variant`` dimension may name only the variants given.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from vgmedgen.platform.config import ExperimentConfig, apply_overrides, read_yam
 __all__ = [
     "DISTRIBUTIONS",
     "OBJECTIVES",
+    "VARIANT",
     "Distribution",
     "Objective",
     "ResourceOptions",
@@ -49,6 +62,7 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+VARIANT = "variant"  # the space path that picks one of the sweep's named variants
 # What a trial can be ranked by, and which way is better.
 OBJECTIVES: dict[str, Literal["min", "max"]] = {
     "domain_fd": "min",
@@ -169,6 +183,9 @@ class SweepConfig(StrictConfig):
 
     base: str
     overrides: list[str] = Field(default_factory=list)
+    variants: dict[str, list[str]] = Field(
+        default_factory=dict, description="named sets of dotted overrides, swept by the space path `variant`"
+    )
     space: dict[str, Distribution] = Field(min_length=1)
     objective: Objective = Objective()
     search: SearchOptions = SearchOptions()
@@ -178,6 +195,28 @@ class SweepConfig(StrictConfig):
     resources: ResourceOptions = ResourceOptions()
     report_every: int = Field(50, ge=1, description="dit steps between two reports of the objective")
     time_budget_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _variants(self) -> SweepConfig:
+        dist = self.space.get(VARIANT)
+        if dist is None:
+            if self.variants:
+                raise ValueError(
+                    f"variants {sorted(self.variants)} are given but the space has no `{VARIANT}` dimension to sweep "
+                    f"them: add e.g. {VARIANT}: {{grid: {sorted(self.variants)}}}"
+                )
+            return self
+        if dist.kind not in ("choice", "grid"):
+            raise ValueError(
+                f"space path {VARIANT} picks named variants: use choice or grid, not {dist.kind}"
+            )
+        unknown = [v for v in dist.ends() if v not in self.variants]
+        if unknown:
+            raise ValueError(
+                f"space path {VARIANT}: {unknown} are not variants of this sweep; the variants are "
+                f"{sorted(self.variants) or 'none (add a variants: section)'}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grid_search(self) -> SweepConfig:
@@ -225,12 +264,20 @@ class Sweep:
         return cls(Path(data["path"]), config, dict(data["base"]), base)
 
     def experiment(self, values: Mapping[str, Any]) -> ExperimentConfig:
-        """The experiment of one trial: the base with ``values`` (dotted path -> value) applied."""
-        return _with_values(self.base_data, values, where=f"sweep {self.name}")
+        """The experiment of one trial: the base with ``values`` (dotted path -> value) applied; a ``variant``
+        value applies that variant's overrides first."""
+        return _with_values(self.base_data, values, where=f"sweep {self.name}", variants=self.config.variants)
 
 
-def _with_values(data: Mapping[str, Any], values: Mapping[str, Any], where: str) -> ExperimentConfig:
-    overrides = [f"{path}={json.dumps(value)}" for path, value in values.items()]
+def _with_values(
+    data: Mapping[str, Any],
+    values: Mapping[str, Any],
+    where: str,
+    variants: Mapping[str, list[str]] | None = None,
+) -> ExperimentConfig:
+    overrides = [f"{path}={json.dumps(value)}" for path, value in values.items() if path != VARIANT]
+    if VARIANT in values:
+        overrides = [*(variants or {})[values[VARIANT]], *overrides]
     return build_config(ExperimentConfig, apply_overrides(data, overrides), where=where)
 
 
@@ -265,11 +312,27 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base = build_config(ExperimentConfig, base_data, where=str(base_path))
     resolve_output_root(base.output_root)
     dump = base.model_dump(mode="json")
+    for name, variant in config.variants.items():
+        for text in variant:
+            try:
+                _check_path(dump, text.split("=", 1)[0].strip())
+            except ConfigError as err:
+                raise ConfigError(
+                    f"variant {name}, override {text!r}: {err}".replace("space path ", "")
+                ) from None
+        try:
+            _with_values(base_data, {VARIANT: name}, where="", variants=config.variants)
+        except ConfigError as err:
+            raise ConfigError(
+                f"variant {name}: its overrides make a config the experiment refuses:\n{err}"
+            ) from None
     for dotted, dist in config.space.items():
+        if dotted == VARIANT:
+            continue
         _check_path(dump, dotted)
         for value in dist.ends():
             try:
-                _with_values(base_data, {dotted: value}, where="")
+                _with_values(base_data, {dotted: value}, where="", variants=config.variants)
             except ConfigError as err:
                 raise ConfigError(
                     f"space path {dotted}: the value {value!r} ({dist.kind}) is one the experiment config refuses:\n{err}"

@@ -78,7 +78,12 @@ def _upstream_combinations(sweep: Sweep) -> list[dict[str, Any]] | None:
     dims = [sweep.config.space[p] for p in paths]
     if any(d.kind not in ("choice", "grid") for d in dims):
         return None
-    combos = [dict(zip(paths, vals)) for vals in itertools.product(*(d.ends() for d in dims))]
+    distinct: dict[str, dict[str, Any]] = {}  # by upstream identity: variants may share their upstream stages
+    for vals in itertools.product(*(d.ends() for d in dims)):
+        combo = dict(zip(paths, vals))
+        cfg = trial_experiment(sweep, combo)
+        distinct.setdefault(json.dumps([stage_identity(cfg, s) for s in _UPSTREAM], sort_keys=True), combo)
+    combos = list(distinct.values())
     return combos if len(combos) <= _MAX_PRETRAINED else None
 
 
