@@ -170,26 +170,37 @@ class _Sweep:
         row = self.row(trial)
         stopped = status == "FINISHED" and (row.step or 0) < self.max_t
         row.state = "STOPPED" if stopped else ("DONE" if status == "FINISHED" else "ERROR")
-        if self.tracker is not None:
-            run = self.tracker.find_run(row.name)
-            if run is not None:
-                row.mlflow_run_id = run
-                tags = self.tracker.client.get_run(run).data.tags
-                for key, value in tags.items():
-                    if key.startswith("run."):
-                        row.stage_runs[key[4:]] = value
-                if stopped:
-                    self.tracker.client.set_tag(run, "early_stopped", f"ASHA at dit step {row.step}")
-                    dit = self.tracker.find_run(row.stage_runs.get("dit", ""))
-                    if dit is not None and self.tracker.client.get_run(dit).info.status == "RUNNING":
-                        self.tracker.client.set_tag(dit, "early_stopped", f"ASHA at dit step {row.step}")
-                        self.tracker.client.set_terminated(dit, status="KILLED")
-                if self.tracker.client.get_run(run).info.status == "RUNNING":
-                    self.tracker.client.set_terminated(
-                        run, status="FINISHED" if status == "FINISHED" else "FAILED"
-                    )
+        self.settle(row)
         self.save("running")
         self.show(force=True)
+
+    def settle(self, row: TrialRow) -> None:
+        """Give the trial's MLflow runs the end its state says. A trial ASHA stopped is killed with its
+        actor: its runs were left RUNNING, or FAILED when the stop unwound through the trial function
+        first; it ends FINISHED with an ``early_stopped`` tag, its dit run KILLED. Called when a trial
+        ends, and again for every trial once the Tuner is done (a stopped actor may unwind after the first)."""
+        if self.tracker is None:
+            return
+        client = self.tracker.client
+        run = row.mlflow_run_id or self.tracker.find_run(row.name)
+        if run is None:
+            return
+        row.mlflow_run_id = run
+        row.stage_runs.update(
+            {k[4:]: v for k, v in client.get_run(run).data.tags.items() if k.startswith("run.")}
+        )
+        status = client.get_run(run).info.status
+        if row.state == "STOPPED":
+            note = f"ASHA at dit step {row.step}"
+            client.set_tag(run, "early_stopped", note)
+            if status != "FINISHED":
+                client.set_terminated(run, status="FINISHED")
+            dit = self.tracker.find_run(row.stage_runs.get("dit", ""))
+            if dit is not None and client.get_run(dit).info.status in ("RUNNING", "FAILED"):
+                client.set_tag(dit, "early_stopped", note)
+                client.set_terminated(dit, status="KILLED")
+        elif status == "RUNNING" and row.state in ("DONE", "ERROR"):
+            client.set_terminated(run, status="FINISHED" if row.state == "DONE" else "FAILED")
 
     def show(self, force: bool = False) -> None:
         text = live_table(
@@ -322,6 +333,8 @@ def run_sweep(
         grid = tuner.fit()
         _rows_from_results(state, grid)
         rows = sorted(state.rows.values(), key=lambda r: r.name)
+        for row in rows:
+            state.settle(row)
         best = _final_scoring(sweep, state, objective, rows, tracker)
         outcome = SweepOutcome(key, directory, rows, best, None, None, 0.0)
         if best is not None:
@@ -393,11 +406,6 @@ def _rows_from_results(state: _Sweep, grid: Any) -> None:
             row.state = "STOPPED" if (row.step or 0) < state.max_t else "DONE"
         if not row.stage_runs:  # tracking off (no tags to read them from), or a trial that never started
             row.stage_runs.update(trial_stage_runs(trial_experiment(state.sweep, values)))
-        if state.tracker is not None and row.mlflow_run_id is None:
-            row.mlflow_run_id = state.tracker.find_run(name)
-            if row.mlflow_run_id is not None:
-                tags = state.tracker.client.get_run(row.mlflow_run_id).data.tags
-                row.stage_runs.update({k[4:]: v for k, v in tags.items() if k.startswith("run.")})
 
 
 def _final_scoring(
