@@ -14,7 +14,9 @@ their dit checkpoints, and their MLflow runs continue. --fresh moves the earlier
 shows a live table of the trials; at the end the sweep writes trials.csv/trials.md, two plots and
 best.yaml (the best trial's full config: `python jobs/train.py --config <that file>` reuses its runs) to
 <output_root>/sweeps/<sweep>-<hash>/, and registers the best trial's model version as <model>@sweep-best
-(trials never move `current`). Needs a Ray cluster with its dashboard on (the default of `ray start --head`
+(trials never move `current`). With report.evaluate=true (configs/sweeps/ablation.yaml sets it) every
+trial that trained to the end is evaluated and the groups of trials (e.g. variants over seeds) are
+compared in comparison.md/.csv/.png; adding it to a finished sweep's command evaluates that sweep. Needs a Ray cluster with its dashboard on (the default of `ray start --head`
 and of a local Ray): without it, a trial stopped early can leak its placement group and hang the next.
 """
 
@@ -50,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no trial finished every dit step: no best trial (see trials.md)")
     if outcome.registered:
         print(f"registered: {outcome.registered}")
+    if outcome.comparison:
+        print(f"comparison: {outcome.comparison[1]}  (and {outcome.comparison[2].name})")
     return 0
 
 

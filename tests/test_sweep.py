@@ -127,3 +127,33 @@ def test_sweep_stops_early_reuses_stages_resumes_and_writes_best(
     for name in ("trials.csv", "trials.md", "objective_by_step.png", "parameters.png"):
         assert (sweep_dir / name).is_file()
     assert (sweep_dir / "trials.md").read_text().splitlines()[2].split("|")[2].strip() == "*"
+
+    # the comparison report, turned on for the finished sweep (out of its identity: the same sweep): the
+    # evaluate job and the ruler's swap grid on the one trial that trained to the end, logged to its run
+    report = [
+        "report.evaluate=true",
+        "report.adherence=on",
+        "report.overrides=[evaluate.num_images=8,evaluate.fidelity.kid_subset_size=4,evaluate.fidelity.kid_subsets=2,"
+        "evaluate.controllability.enabled=off,evaluate.sampler.num_steps=2,adherence.seeds_per_cell=1,"
+        "adherence.ruler.train.steps=10,adherence.sampler.num_steps=2]",
+    ]
+    third = JobProcess("sweep.py", [*args, *report])
+    assert third.process.wait(400) == 0, third.output()[-4000:]
+    assert "comparison:" in third.output()
+    assert len(list((output_root / "sweeps").glob("*/sweep.json"))) == 1  # the same sweep, not a new one
+    state = _state(output_root)
+    evaluated = [t for t in state["trials"] if t["evaluation"]]
+    assert [t["values"]["train.dit.lr"] for t in evaluated] == [1e-3]  # stopped trials are not compared
+    figures = evaluated[0]["evaluation"]
+    assert {"eval/SFD", "eval/SKD", "adherence/synthderm/size", "adherence/synthderm/colour"} <= set(figures)
+    md = (sweep_dir / "comparison.md").read_text().splitlines()
+    assert md[0].startswith("| group | trials | domain FD (SFD) ↓ | domain KD (SKD) ↓ |")
+    assert md[2].startswith("| train.dit.lr=0.001 | 1 |")
+    assert (sweep_dir / "comparison.png").is_file()
+    good_run = tracker.client.get_run(good["mlflow_run_id"])
+    assert "eval/SFD" in good_run.data.metrics and "adherence/synthderm/size" in good_run.data.metrics
+    parent = next(r for r in all_runs if r.data.tags.get("job") == "sweep").info.run_id
+    assert {a.path for a in tracker.client.list_artifacts(parent, "comparison")} >= {
+        "comparison/comparison.md",
+        "comparison/comparison.png",
+    }

@@ -197,3 +197,86 @@ def test_variants_are_named_override_sets_checked_before_any_trial(tmp_path: Pat
     refused(
         "variant caption: its overrides make a config the experiment refuses", variants=bad_value, space=space
     )
+
+
+def test_report_overrides_are_checked_and_kept_out_of_the_sweep_identity(tmp_path: Path) -> None:
+    from vgmedgen.platform.tuning.runner import _identity
+
+    space = {"train.dit.lr": {"choice": [1e-3, 1e-2]}}
+    plain = load_sweep(_write(tmp_path, space=space))
+    report = {"evaluate": True, "overrides": ["evaluate.num_images=16"]}
+    reported = load_sweep(_write(tmp_path, space=space, report=report))
+    assert reported.config.report.evaluate and _identity(reported) == _identity(plain)
+
+    def refused(match: str, overrides: list[str]) -> None:
+        with pytest.raises(ConfigError, match=match):
+            load_sweep(_write(tmp_path, space=space, report={"evaluate": True, "overrides": overrides}))
+
+    refused("only evaluate and adherence settings", ["train.dit.lr=0.1"])
+    refused("did you mean evaluate.num_images", ["evaluate.num_imags=16"])
+    refused("report.overrides make a config the experiment refuses", ["evaluate.num_images=1"])
+
+
+def test_comparison_groups_trials_by_all_but_their_seed_with_mean_and_std(tmp_path: Path) -> None:
+    from vgmedgen.platform.tuning.compare import columns, group_name, summarise, write_comparison
+    from vgmedgen.platform.tuning.report import TrialRow
+
+    def row(variant: str, seed: int, fd: float, size: float | None) -> TrialRow:
+        figures = {"eval/SFD": fd, "eval/memorisation_share": 0.1, "downstream/x1_balanced_accuracy_std": 0.5}
+        if size is not None:
+            figures["adherence/synthderm/size"] = size
+        return TrialRow(
+            f"s-trial-{variant}{seed}", {"variant": variant, "seed": seed}, "DONE", evaluation=figures
+        )
+
+    rows = [row("full", 0, 10.0, 0.8), row("caption", 0, 30.0, 0.4), row("full", 1, 14.0, 0.6)]
+    rows.append(row("caption", 1, float("nan"), None))  # a figure that came out NaN is left out, not averaged
+    assert group_name({"variant": "full", "seed": 2, "train.dit.lr": 0.1}) == "full, train.dit.lr=0.1"
+    assert group_name({"seed": 1}) == "all trials"
+    groups = summarise(rows, order=["full", "caption"])
+    assert [g.name for g in groups] == ["full", "caption"]
+    full, caption = groups
+    assert full.trials == ["full0", "full1"] and full.mean("eval/SFD") == 12.0
+    assert full.std("eval/SFD") == pytest.approx(2**0.5 * 2)  # sample std of 10 and 14
+    assert caption.values["eval/SFD"] == [30.0] and caption.std("eval/SFD") == 0.0
+
+    keys = set().union(*(r.evaluation for r in rows))
+    cols = columns("synthderm", keys)
+    assert [c.key for c in cols] == ["eval/SFD", "adherence/synthderm/size", "eval/memorisation_share"]
+    paths = write_comparison(groups, cols, tmp_path / "out")
+    assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "comparison.png"]
+    md = paths[1].read_text().splitlines()
+    assert md[2].startswith("| full | 2 | **12 ± 2.8** | **0.7 ± 0.14** |")  # lower FD, higher size: bold
+    assert md[3].startswith("| caption | 2 | 30 ± 0 | 0.4 ± 0 |")
+    csv_rows = paths[0].read_text().splitlines()
+    assert csv_rows[0].startswith("group,trials,eval/SFD_mean,eval/SFD_std") and csv_rows[1].startswith(
+        "full,2,12,"
+    )
+
+
+def test_stage_lock_serialises_one_stage_run_and_leaves_others_free(tmp_path: Path) -> None:
+    """Concurrent trials that train an upstream stage themselves (a continuous upstream dimension) take the
+    stage run's lock: a second trial needing the same run waits; one needing another run does not."""
+    import threading
+
+    from vgmedgen.platform.tuning.trial import stage_lock, trial_experiment
+
+    sweep = load_sweep(_write(tmp_path, space={"train.visual.lr": {"uniform": [1e-4, 1e-3]}}))
+    same = trial_experiment(sweep, {"train.visual.lr": 2e-4})
+    other = trial_experiment(sweep, {"train.visual.lr": 5e-4})
+    entered: list[str] = []
+
+    def trial(cfg, name: str) -> None:
+        with stage_lock(cfg, "visual", {}):
+            entered.append(name)
+
+    with stage_lock(same, "visual", {}):
+        waiting = threading.Thread(target=trial, args=(same, "same"))
+        free = threading.Thread(target=trial, args=(other, "other"))
+        waiting.start(), free.start()
+        free.join(10)
+        waiting.join(0.5)
+        assert entered == ["other"] and waiting.is_alive()  # the same run waits for the holder
+    waiting.join(10)
+    assert entered == ["other", "same"]
+    assert len(list((same.root / "runs").glob("*.lock"))) == 2

@@ -71,6 +71,7 @@ class EvaluationOutcome:
     out_dir: Path
     mlflow_run_id: str | None
     seconds: float
+    metrics: dict[str, float]  # the flat figures logged to MLflow (finite values only)
 
 
 def _split_uint8(records_dir: Path, split: str) -> torch.Tensor:
@@ -393,4 +394,4 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
             print(f"[evaluate] logging to MLflow run {run_id} ...", flush=True)
             tracker.sink(run_id)([(0, metrics)])
             tracker.log_artifacts(run_id, out_dir, "evaluation")
-    return EvaluationOutcome(report, paths, out_dir, run_id, time.perf_counter() - t0)
+    return EvaluationOutcome(report, paths, out_dir, run_id, time.perf_counter() - t0, metrics)

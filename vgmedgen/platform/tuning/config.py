@@ -53,6 +53,8 @@ __all__ = [
     "VARIANT",
     "Distribution",
     "Objective",
+    "REPORT_SECTIONS",
+    "ReportOptions",
     "ResourceOptions",
     "SchedulerOptions",
     "SearchOptions",
@@ -178,6 +180,30 @@ class ResourceOptions(StrictConfig):
     gpus_per_worker: float = Field(0.0, ge=0)
 
 
+REPORT_SECTIONS = ("evaluate", "adherence")  # what report overrides may set: outside every training identity
+
+
+class ReportOptions(StrictConfig):
+    """The comparison report written once the trials are done (see :mod:`vgmedgen.platform.tuning.compare`):
+    every finished trial's model version through the evaluate job (and, on SynthDerm, the adherence swap
+    grid), summarised per group of trials that differ only in their seed (per variant in a sweep of
+    variants). Left out of the sweep's identity: turning it on for a finished sweep evaluates its trials."""
+
+    evaluate: bool = Field(False, description="evaluate every finished trial and write the comparison")
+    adherence: Literal["auto", "on", "off"] = Field(
+        "auto", description="the swap grid read by the ruler (size, position, colour): auto = on SynthDerm"
+    )
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="dotted evaluate.* / adherence.* settings for these evaluations (e.g. evaluate.num_images=512)",
+    )
+
+    @field_validator("adherence", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: object) -> object:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class SweepConfig(StrictConfig):
     """A sweep file (see the module docstring)."""
 
@@ -195,6 +221,7 @@ class SweepConfig(StrictConfig):
     resources: ResourceOptions = ResourceOptions()
     report_every: int = Field(50, ge=1, description="dit steps between two reports of the objective")
     time_budget_s: float | None = Field(None, gt=0)
+    report: ReportOptions = ReportOptions()
 
     @model_validator(mode="after")
     def _variants(self) -> SweepConfig:
@@ -281,21 +308,31 @@ def _with_values(
     return build_config(ExperimentConfig, apply_overrides(data, overrides), where=where)
 
 
-def _check_path(dump: Mapping[str, Any], path: str) -> None:
+def _check_path(dump: Mapping[str, Any], path: str, label: str) -> None:
+    """Raise a ConfigError beginning with ``label`` when ``path`` is not a field of ``dump``."""
     node: Any = dump
     parts = path.split(".")
     for i, part in enumerate(parts):
+        if node is None and i > 0:  # an optional section left unset: building the config checks the rest
+            return
         if not isinstance(node, Mapping):
             where = ".".join(parts[:i])
-            raise ConfigError(f"space path {path}: {where} is a value ({node!r}), not a section")
+            raise ConfigError(f"{label}: {where} is a value ({node!r}), not a section")
         if part not in node:
             where = ".".join(parts[:i]) or "the experiment config"
             hint = difflib.get_close_matches(part, list(node), n=1)
             did_you_mean = f"; did you mean {'.'.join([*parts[:i], hint[0]])}?" if hint else ""
-            raise ConfigError(
-                f"space path {path} does not exist: {where} has no field {part!r}{did_you_mean}"
-            )
+            raise ConfigError(f"{label} does not exist: {where} has no field {part!r}{did_you_mean}")
         node = node[part]
+
+
+def _check_values(
+    base_data: Mapping[str, Any], values: Mapping[str, Any], variants: Mapping[str, list[str]], refused: str
+) -> None:
+    try:
+        _with_values(base_data, values, where="", variants=variants)
+    except ConfigError as err:
+        raise ConfigError(f"{refused}:\n{err}") from None
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -314,27 +351,36 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     dump = base.model_dump(mode="json")
     for name, variant in config.variants.items():
         for text in variant:
-            try:
-                _check_path(dump, text.split("=", 1)[0].strip())
-            except ConfigError as err:
-                raise ConfigError(
-                    f"variant {name}, override {text!r}: {err}".replace("space path ", "")
-                ) from None
-        try:
-            _with_values(base_data, {VARIANT: name}, where="", variants=config.variants)
-        except ConfigError as err:
+            dotted = text.split("=", 1)[0].strip()
+            _check_path(dump, dotted, label=f"variant {name}, override {text!r}: {dotted}")
+        _check_values(
+            base_data,
+            {VARIANT: name},
+            config.variants,
+            f"variant {name}: its overrides make a config the experiment refuses",
+        )
+    for text in config.report.overrides:
+        dotted = text.split("=", 1)[0].strip()
+        if dotted.split(".", 1)[0] not in REPORT_SECTIONS:
             raise ConfigError(
-                f"variant {name}: its overrides make a config the experiment refuses:\n{err}"
-            ) from None
+                f"report override {text!r}: only {' and '.join(REPORT_SECTIONS)} settings may differ in the report's "
+                "evaluations (anything else would name other runs than the trials trained); put it in overrides"
+            )
+        _check_path(dump, dotted, label=f"report override {text!r}: {dotted}")
+    if config.report.overrides:
+        try:
+            build_config(ExperimentConfig, apply_overrides(base_data, config.report.overrides), where="")
+        except ConfigError as err:
+            raise ConfigError(f"report.overrides make a config the experiment refuses:\n{err}") from None
     for dotted, dist in config.space.items():
         if dotted == VARIANT:
             continue
-        _check_path(dump, dotted)
+        _check_path(dump, dotted, label=f"space path {dotted}")
         for value in dist.ends():
-            try:
-                _with_values(base_data, {dotted: value}, where="", variants=config.variants)
-            except ConfigError as err:
-                raise ConfigError(
-                    f"space path {dotted}: the value {value!r} ({dist.kind}) is one the experiment config refuses:\n{err}"
-                ) from None
+            _check_values(
+                base_data,
+                {dotted: value},
+                config.variants,
+                f"space path {dotted}: the value {value!r} ({dist.kind}) is one the experiment config refuses",
+            )
     return Sweep(path, config, base_data, base)

@@ -29,6 +29,8 @@ class TrialRow:
     mlflow_run_id: str | None = None
     stage_runs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    evaluation: dict[str, float] = field(default_factory=dict)  # the comparison report's figures
+    evaluated_with: str | None = None  # a hash of the report settings those figures were measured with
 
     @property
     def short(self) -> str:
@@ -59,6 +61,8 @@ class TrialRow:
             "stage_runs": sorted(self.stage_runs.values()),
             "stages": self.stage_runs,
             "error": self.error,
+            "evaluation": self.evaluation,
+            "evaluated_with": self.evaluated_with,
         }
 
     @classmethod
@@ -73,6 +77,8 @@ class TrialRow:
             mlflow_run_id=data.get("mlflow_run_id"),
             stage_runs=dict(data.get("stages", {})),
             error=data.get("error"),
+            evaluation=data.get("evaluation", {}),
+            evaluated_with=data.get("evaluated_with"),
         )
 
 

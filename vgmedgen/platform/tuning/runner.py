@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vgmedgen.model.configbase import ConfigError
-from vgmedgen.platform.runs import read_done, stage_identity, sweep_key, trial_name
+from vgmedgen.platform.runs import stage_identity, sweep_key, trial_name
 from vgmedgen.platform.storage import atomic_write_text
 from vgmedgen.platform.tuning.config import Sweep
 from vgmedgen.platform.tuning.report import TrialRow, live_table, write_plots, write_tables
@@ -30,6 +30,7 @@ from vgmedgen.platform.tuning.trial import (
     OBJECTIVE_KEY,
     TIME_ATTR,
     TrialContext,
+    finished_trial,
     run_trial,
     train_upstream,
     trial_experiment,
@@ -55,6 +56,7 @@ class SweepOutcome:
     registered: str | None
     seconds: float
     artifacts: list[Path] = field(default_factory=list)
+    comparison: list[Path] = field(default_factory=list)  # report.evaluate: comparison.csv/.md/.png
 
 
 def upstream_paths(sweep: Sweep) -> list[str]:
@@ -88,39 +90,11 @@ def _upstream_combinations(sweep: Sweep) -> list[dict[str, Any]] | None:
 
 
 def _identity(sweep: Sweep) -> dict[str, Any]:
-    return {"sweep": sweep.config.model_dump(mode="json"), "base": sweep.base.model_dump(mode="json")}
-
-
-class _SweepCallback:
-    """Tune callback on the driver: the live table, trial end states in MLflow and ``sweep.json``."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        from ray.tune import Callback
-
-        class SweepCallback(Callback):
-            def __init__(self, runner: _Sweep | None) -> None:
-                self.runner = runner
-
-            def __reduce__(self) -> Any:
-                # Tune pickles its run config (tuner.pkl); the driver's state is this process's alone, and a
-                # restored sweep sets a new callback (_set_callbacks).
-                return (_SweepCallback, (None,))
-
-            def on_trial_result(
-                self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-            ) -> None:
-                if self.runner is not None:
-                    self.runner.update(trial, result)
-
-            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                if self.runner is not None:
-                    self.runner.ended(trial, "FINISHED")
-
-            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                if self.runner is not None:
-                    self.runner.ended(trial, "FAILED")
-
-        return SweepCallback(*args, **kwargs)
+    # The report is out of it: turning the report on for a finished sweep evaluates that sweep's trials.
+    return {
+        "sweep": sweep.config.model_dump(mode="json", exclude={"report"}),
+        "base": sweep.base.model_dump(mode="json"),
+    }
 
 
 class _Sweep:
@@ -249,6 +223,7 @@ def run_sweep(
     from vgmedgen.platform.prepare import prepare_records
     from vgmedgen.platform.tracking import RUN_KEY_TAG, Tracker, open_run
     from vgmedgen.platform.training.runner import check_real_records
+    from vgmedgen.platform.tuning.hooks import SweepCallback
     from vgmedgen.platform.tuning.objective import prepare_objective
     from vgmedgen.platform.tuning.space import search_algorithm, tune_space
 
@@ -299,7 +274,7 @@ def run_sweep(
             tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": 1}
         )
         space = tune_space(sweep)
-        callback = _SweepCallback(state)
+        callback = SweepCallback(state)
         if tune.Tuner.can_restore(str(directory)) and (directory / "tuner.pkl").is_file():
             print(f"[sweep] continuing {key}: finished trials are kept, unfinished ones resume", flush=True)
             tuner = tune.Tuner.restore(
@@ -339,6 +314,12 @@ def run_sweep(
         outcome = SweepOutcome(key, directory, rows, best, None, None, 0.0)
         if best is not None:
             outcome.best_yaml, outcome.registered = _best(sweep, key, best, tracker, directory)
+        if cfg.report.evaluate:
+            from vgmedgen.platform.tuning.compare import compare_trials
+
+            outcome.comparison = compare_trials(
+                sweep, rows, tracker, parent, directory, lambda: state.save("reporting"), address=address
+            )
         outcome.artifacts = write_tables(rows, directory, metric, best) + write_plots(
             rows, directory, metric, list(cfg.space)
         )
@@ -355,21 +336,14 @@ def run_sweep(
 
 def _scheduler(sweep: Sweep, max_t: int, history: Mapping[str, list[tuple[int, float]]]) -> Any:
     """ASHA in dit steps, told again what the trials reported before a restart (``history``: Tune trial id ->
-    its reports). Tune saves the search algorithm's state with the experiment but not the scheduler's: a
-    restored ASHA would start with empty rungs and let the next weak trial run on."""
+    its reports)."""
     cfg = sweep.config.scheduler
     if cfg.kind == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    class ResumedASHA(ASHAScheduler):
-        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-            super().on_trial_add(tune_controller, trial)
-            bracket = self._trial_info[trial.trial_id]
-            for step, value in history.get(trial.trial_id, []):  # what it reported before the restart
-                bracket.on_result(trial, step, self._metric_op * value)
+    from vgmedgen.platform.tuning.hooks import ResumedASHA
 
     return ResumedASHA(
+        history,
         time_attr=TIME_ATTR,
         # ASHA stops a trial that reaches max_t at once, before its dit stage has exported and marked itself
         # done: one step beyond the last lets every trial that survives the rungs finish on its own.
@@ -438,26 +412,9 @@ def _final_scoring(
 
 def _trial_version(sweep: Sweep, row: TrialRow) -> tuple[Any, Path, list[Any]]:
     """A finished trial's experiment, its assembled model version and its stage results."""
-    from vgmedgen.platform.training.driver import assemble_version, parts_from
-    from vgmedgen.platform.training.runner import PARTS, StageResult
-
     cfg = trial_experiment(sweep, row.values)
-    parts: dict[str, Path] = {}
-    if cfg.train.init_from:
-        from vgmedgen.platform.tracking import resolve_model
-
-        parts.update(parts_from(resolve_model(cfg.train.init_from, cfg).path))
-    runs = trial_stage_runs(cfg)
-    results = []
-    for stage in cfg.train.stages:
-        run = runs.get(stage)
-        done = read_done(cfg.root / "runs" / run) if run else None
-        if done is None:
-            raise RuntimeError(f"trial {row.name}: its {stage} stage run {run} is not finished")
-        export = cfg.root / "runs" / run / "export" / PARTS[stage]
-        parts[PARTS[stage]] = export
-        results.append(StageResult(stage, run, export, False, done.get("metrics", {})))
-    return cfg, assemble_version(cfg, parts), results
+    version, results = finished_trial(cfg, row.name)
+    return cfg, version, results
 
 
 def _score_trial(sweep: Sweep, row: TrialRow, objective: Any, images: int) -> dict[str, float]:

@@ -105,10 +105,9 @@ def train_upstream(
     return parts, results
 
 
-def trial_stage_runs(cfg: ExperimentConfig) -> dict[str, str]:
-    """The stage run names of a trial's experiment (stage -> run name), computed as its training names them,
-    from the finished exports of the stages before each (nothing is trained; a stage whose input export is
-    missing ends the list)."""
+def _stage_chain(cfg: ExperimentConfig) -> tuple[dict[str, Path], dict[str, str]]:
+    """The parts and stage run names of ``cfg`` as its training computes them, from the finished exports of
+    the stages before each (nothing is trained; a stage whose input export is missing ends the chain)."""
     from vgmedgen.platform.tracking import resolve_model
     from vgmedgen.platform.training.driver import ensure_text_encoder, parts_from, stage_inputs
 
@@ -123,7 +122,31 @@ def trial_stage_runs(cfg: ExperimentConfig) -> dict[str, str]:
             break
         names[stage] = stage_run_name(cfg, stage, inputs)
         parts[PARTS[stage]] = cfg.root / "runs" / names[stage] / "export" / PARTS[stage]
-    return names
+    return parts, names
+
+
+def trial_stage_runs(cfg: ExperimentConfig) -> dict[str, str]:
+    """The stage run names of a trial's experiment (stage -> run name) that can be named today."""
+    return _stage_chain(cfg)[1]
+
+
+def finished_trial(cfg: ExperimentConfig, trial: str) -> tuple[Path, list[StageResult]]:
+    """A finished trial's model version (assembled if new) and its stage results.
+
+    Raises:
+        RuntimeError: naming the trial and its first stage run that is not finished.
+    """
+    from vgmedgen.platform.training.driver import assemble_version
+
+    parts, names = _stage_chain(cfg)
+    results = []
+    for stage in cfg.train.stages:
+        run = names.get(stage)
+        done = read_done(cfg.root / "runs" / run) if run else None
+        if done is None:
+            raise RuntimeError(f"trial {trial}: its {stage} stage run {run} is not finished")
+        results.append(StageResult(stage, run, parts[PARTS[stage]], False, done.get("metrics", {})))
+    return assemble_version(cfg, parts), results
 
 
 @dataclass(frozen=True)
