@@ -1,20 +1,81 @@
-"""The README's cluster command, run as written against the tests' Ray head node (dashboard on, token auth)."""
+"""The cluster path against the tests' Ray head node (dashboard on, token auth): the README's `ray job submit`
+command as written, tracked by a real `mlflow server` process over HTTP as on a cluster; and `serve deploy` of
+infra/serve.yaml answering over HTTP with the bearer token required."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import signal
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 from mlflow.tracking import MlflowClient
+from raycluster import free_port
+from servehelpers import ANATOMY, STYLE, ServeModels, serve_models
 
 from vgmedgen.model.vgmedgen import verify_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
+__all__ = ["serve_models"]  # the fixture, imported for pytest
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    artifacts: Path
+    backend: Path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real `mlflow server` (SQLite backend, proxied artifact store, both in a temporary directory) on
+    127.0.0.1 and a free port, as infra/kuberay/mlflow.yaml runs it; stopped with its whole process group."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(f"http://127.0.0.1:{free_port()}", root / "artifacts", root / "mlflow.db")
+    port = server.uri.rsplit(":", 1)[1]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", port,
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{server.backend}",
+        "--artifacts-destination", str(server.artifacts),
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{server.uri}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"`{' '.join(cmd)}` did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def _readme_command() -> list[str]:
@@ -30,11 +91,17 @@ def _readme_command() -> list[str]:
     return shlex.split(lines[0])
 
 
-def test_readme_ray_job_submit_trains_and_registers(ray_cluster, ray_head, tmp_path: Path):
+def test_readme_ray_job_submit_trains_and_registers(
+    ray_cluster, ray_head, mlflow_server: MlflowServer, tmp_path: Path
+):
     argv = _readme_command()
     root = tmp_path / "shared"
     argv = [f"output_root={root}" if a.startswith("output_root=") else a for a in argv]
     assert argv[:5] == ["ray", "job", "submit", "--working-dir", "."] and f"output_root={root}" in argv
+    # On a cluster every node has MLFLOW_TRACKING_URI in its environment (infra/); this head node was started
+    # without it, so the job gets it through its runtime environment, as `ray job submit` users can pass it.
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri}}
+    argv[5:5] = ["--runtime-env-json", json.dumps(runtime_env)]
     # As a user's shell on the head machine after `export RAY_AUTH_MODE=token` and `export RAY_ADDRESS=<dashboard>`
     # (the token is passed as RAY_AUTH_TOKEN: this head's token is not in ~/.ray/auth_token).
     env = {
@@ -57,9 +124,31 @@ def test_readme_ray_job_submit_trains_and_registers(ray_cluster, ray_head, tmp_p
     assert len(versions) == 1
     verify_manifest(versions[0])
     assert f"model version: {versions[0]}" in out
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert f"MLflow UI:     mlflow ui --backend-store-uri {mlflow_server.uri}" in out
+    # nothing written beside the server: no SQLite fallback under the output root
+    assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()
+
+    # The server has the runs, their metrics, the registered version, and the artifacts in its own store.
+    client = MlflowClient(mlflow_server.uri)
     mv = client.get_model_version_by_alias("vgmedgen-tiny", "current")
-    assert client.get_run(mv.run_id).data.tags["model_version"] == versions[0].name
+    parent = client.get_run(mv.run_id)
+    assert parent.data.tags["model_version"] == versions[0].name and parent.info.status == "FINISHED"
+    stages = {
+        r.data.tags["stage"]: r
+        for r in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+    }
+    assert set(stages) == {"visual", "align", "dit"}
+    for stage, run in stages.items():
+        assert run.info.status == "FINISHED"
+        assert client.get_metric_history(run.info.run_id, f"{stage}/total"), (
+            f"{stage}: no metrics on the server"
+        )
+    # proxied artifacts: the job uploads through HTTP and the server writes its own store
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:/")
+    stored = {p.name for p in mlflow_server.artifacts.rglob("*") if p.is_file()}
+    assert "manifest.json" in stored and "MODEL_CARD.md" in stored, sorted(stored)[:20]
 
 
 def test_submit_without_the_token_is_refused_with_a_clear_message(ray_cluster, ray_head):
@@ -75,3 +164,74 @@ def test_submit_without_the_token_is_refused_with_a_clear_message(ray_cluster, r
     )
     assert proc.returncode != 0
     assert "authentication token" in (proc.stdout + proc.stderr).lower()
+
+
+@pytest.mark.ray_cpus(0.35)
+def test_serve_deploy_of_infra_serve_yaml_answers_with_an_image(
+    ray_cluster, ray_head, serve_models: ServeModels, tmp_path: Path
+):
+    """`serve deploy` of infra/serve.yaml, changed only where a test must: a free port, the test model and CPU
+    shares, and the token in the application's environment (a pod gets it from the Secret)."""
+    config = yaml.safe_load((REPO / "infra" / "serve.yaml").read_text())
+    port, token = free_port(), "test-serve-token"
+    config["http_options"]["port"] = port
+    (app,) = config["applications"]
+    # the builder runs on the cluster, whose working directory need not be this checkout (in a pod it is /app)
+    app["args"]["config"] = str(REPO / app["args"]["config"])
+    app["args"]["overrides"] = [
+        *[o for o in app["args"]["overrides"] if not o.startswith("serve.port=")],
+        f"serve.port={port}", f"output_root={serve_models.root}", f"serve.models=[{serve_models.versions[0]}]",
+        "serve.num_cpus=0.25", "serve.ingress_num_cpus=0.1",
+    ]  # fmt: skip
+    app["runtime_env"] = {"env_vars": {"VGMEDGEN_SERVE_TOKEN": token}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": ray_head.token,
+        "PATH": ray_head.env["PATH"],
+    }
+    serve_cli = ["serve", "deploy", str(path), "-a", ray_head.dashboard_url]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        proc = subprocess.run(serve_cli, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{base}/readyz", timeout=10).status_code == 200:
+                    break
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+            ):  # the proxy is not up, or the app still starts
+                pass
+            if time.monotonic() > deadline:
+                status = subprocess.run(
+                    ["serve", "status", "-a", ray_head.dashboard_url], env=env, capture_output=True, text=True
+                )
+                pytest.fail(f"the deployed application never became ready:\n{status.stdout}{status.stderr}")
+            time.sleep(1)
+        body = {"anatomy_prompt": ANATOMY[0], "style_prompt": STYLE[0], "seed": 3, "format": "png"}
+        assert requests.post(f"{base}/v1/generate", json=body, timeout=60).status_code == 401
+        r = requests.post(
+            f"{base}/v1/generate", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:500]
+        from vgmedgen.platform.images import read_provenance
+
+        assert r.content.startswith(b"\x89PNG") and read_provenance(r.content)["seed"] == "3"
+    finally:
+        # `serve shutdown` removes every application and the proxy; the job store actor is ours to remove
+        subprocess.run(
+            ["serve", "shutdown", "-y", "-a", ray_head.dashboard_url],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        from vgmedgen.serve.ingress import shutdown_jobs
+
+        shutdown_jobs(app["name"])
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{base}/healthz", timeout=5)
