@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_plan.py
 	$(PY) benchmarks/generate_throughput.py
+	$(PY) benchmarks/worker_startup.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vgmedgen jobs tests benchmarks

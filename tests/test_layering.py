@@ -93,6 +93,17 @@ def test_loading_the_config_loads_no_metrics_or_tracking_library():
     assert out.strip() == "[]"
 
 
+def test_the_config_and_the_visual_and_align_stages_load_no_diffusers():
+    """Every Ray worker reads the experiment config, and the visual and align stages' workers never build the
+    generator: neither may import diffusers (or transformers through it), seconds of start-up per worker."""
+    code = (
+        "import sys, vgmedgen.platform.config, vgmedgen.platform.training.stages, vgmedgen.platform.training.loop; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_only_the_tracking_module_imports_mlflow():
     assert _importers_of("mlflow") == ["vgmedgen/platform/tracking.py"]
 

@@ -23,12 +23,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from pydantic import Field
 
 from vgmedgen.model.configbase import StrictConfig
 
 if TYPE_CHECKING:
+    from diffusers import DPMSolverMultistepScheduler
+
     from vgmedgen.model.generator import Generator
 
 __all__ = ["SamplerConfig", "combine_guidance", "initial_noise", "make_scheduler", "sample"]
@@ -85,6 +86,10 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: tor
 
 def make_scheduler(model: Generator, cfg: SamplerConfig) -> DPMSolverMultistepScheduler:
     """A fresh DPM-Solver++ scheduler on the generator's training noise schedule."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,  # here: a config that names the sampler imports no diffusers
+    )
+
     pixel_space = model.vae is None
     thresholding = pixel_space if cfg.thresholding is None else cfg.thresholding
     return DPMSolverMultistepScheduler(

@@ -34,21 +34,30 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import ModelMixin
-from huggingface_hub.utils.sha import sha_fileobj
-from pydantic import BaseModel, model_validator
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from vgmedgen.model.configbase import ConfigError, StrictConfig, deep_merge
+from vgmedgen.model.configbase import ConfigError
 from vgmedgen.model.ema import EMA
-from vgmedgen.model.generator import GENERATOR_PRESETS, Generator, GeneratorConfig, build_generator
+from vgmedgen.model.generator import Generator, GeneratorConfig, build_generator
+from vgmedgen.model.model_config import MODEL_PRESETS, PRESET_NAMES, ModelConfig
+from vgmedgen.model.parts import (
+    MODEL_CARD,
+    ModelVersionError,
+    load_text,
+    load_visual,
+    save_text,
+    save_visual,
+    verify_manifest,
+    write_manifest,
+)
 from vgmedgen.model.sampler import SamplerConfig, sample
-from vgmedgen.model.text import TEXT_PRESETS, TextConfig, TextDisentangler, TextEncoder
-from vgmedgen.model.visual import VISUAL_PRESETS, VisualConfig, VisualDisentangler
+from vgmedgen.model.text import TextDisentangler
+from vgmedgen.model.visual import VisualDisentangler
 
 __all__ = [
     "MODEL_CARD",
     "MODEL_PRESETS",
+    "PRESET_NAMES",
     "ModelConfig",
     "ModelVersionError",
     "VGMedGen",
@@ -63,220 +72,6 @@ __all__ = [
     "write_pipeline_index",
     "verify_manifest",
 ]
-
-PRESET_NAMES = ("tiny", "demo", "pixart-512")
-
-# The model card of a version: documentation that grows as the version is measured, so it lies outside
-# the manifest's hashes (the version's identity, the sha256 of manifest.json, stays that of its weights).
-MODEL_CARD = "MODEL_CARD.md"
-
-
-class ModelVersionError(FileNotFoundError):
-    """A model version (or one of its parts) is missing, altered or does not fit its config."""
-
-
-def _preset_dicts(name: str) -> dict[str, Any]:
-    return {
-        "visual": VISUAL_PRESETS[name].model_dump(mode="python", exclude_unset=False),
-        "text": TEXT_PRESETS[name].model_dump(mode="python"),
-        "generator": dict(GENERATOR_PRESETS[name]),
-        "sampler": {},
-    }
-
-
-MODEL_PRESETS: dict[str, dict[str, Any]] = {name: _preset_dicts(name) for name in PRESET_NAMES}
-
-
-class ModelConfig(StrictConfig):
-    """The whole model: a named preset, then per-component overrides on top of it.
-
-    ``preset`` picks complete defaults for every component from :data:`MODEL_PRESETS`; any field
-    given under ``visual``, ``text``, ``generator`` or ``sampler`` overrides the preset's value.
-    The widths that tie components together (the priors' sizes A and S, the BERT width of the
-    ``hybrid`` caption tokens) are derived from the visual and text configs; setting them to
-    something else is an error.
-    """
-
-    preset: str = "tiny"
-    visual: VisualConfig
-    text: TextConfig
-    generator: GeneratorConfig
-    sampler: SamplerConfig = SamplerConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_preset(cls, data: Any) -> Any:
-        if isinstance(data, BaseModel) or not isinstance(data, Mapping):
-            return data
-        data = dict(data)
-        preset = data.get("preset", "tiny")
-        if preset not in MODEL_PRESETS:
-            import difflib
-
-            hint = difflib.get_close_matches(str(preset), PRESET_NAMES, n=1)
-            raise ValueError(
-                f"unknown model preset {preset!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
-                f"valid presets: {', '.join(PRESET_NAMES)}"
-            )
-        base = MODEL_PRESETS[preset]
-        out = {k: v for k, v in data.items() if k not in ("visual", "text", "generator", "sampler")}
-        user: dict[str, dict[str, Any]] = {}
-        for part in ("visual", "text", "generator", "sampler"):
-            given = data.get(part) or {}
-            if isinstance(given, BaseModel):
-                given = given.model_dump(mode="python")
-            if not isinstance(given, Mapping):
-                return data  # let field validation report the wrong type
-            user[part] = dict(given)
-            out[part] = deep_merge(base[part], given)
-        try:
-            vis = VisualConfig.model_validate(out["visual"])
-            text_width = TextConfig.model_validate(out["text"]).encoder_hidden
-        except Exception:
-            return out  # the field validators report the problem with its path
-        derived = {
-            ("text", "anatomy_dim"): vis.anatomy_prior_dim,
-            ("text", "style_dim"): vis.style_prior_dim,
-            ("generator", "hffm", "anatomy_dim"): vis.anatomy_prior_dim,
-            ("generator", "hffm", "style_dim"): vis.style_prior_dim,
-            ("generator", "hffm", "text_width"): text_width,
-        }
-        for path, value in derived.items():
-            given_node: Any = user
-            for p in path[:-1]:
-                given_node = given_node.get(p, {}) if isinstance(given_node, Mapping) else {}
-            if isinstance(given_node, Mapping) and path[-1] in given_node and given_node[path[-1]] != value:
-                raise ValueError(
-                    f"{'.'.join(path)}={given_node[path[-1]]} contradicts the visual/text configs, which "
-                    f"give {value}; leave it out (it is derived)"
-                )
-            node = out
-            for p in path[:-1]:
-                node = node.setdefault(p, {})
-            node[path[-1]] = value
-        return out
-
-    @property
-    def image_size(self) -> int:
-        """The side of the images the model generates (and trains on), in pixels."""
-        g = self.generator
-        factor = 1 if g.vae_dir is None else 8
-        return g.backbone.sample_size * factor
-
-
-# ---------------------------------------------------------------------------------------------
-# Manifests: content hashes of every file of a part or a model version
-# ---------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha_fileobj(f).hex()  # the hub's own chunked sha256
-
-
-def write_manifest(directory: Path, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``manifest.json`` with the sha256 of every other file under ``directory`` (the model card
-    at its top level excepted: see :data:`MODEL_CARD`)."""
-    directory = Path(directory)
-    files = {
-        str(p.relative_to(directory)): _sha256(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "manifest.json" and p != directory / MODEL_CARD
-    }
-    manifest = {"files": files, **(extra or {})}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
-
-
-def verify_manifest(directory: Path) -> dict[str, Any]:
-    """Check every file listed in ``manifest.json`` exists with its recorded hash."""
-    directory = Path(directory)
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise ModelVersionError(f"{directory} is not a saved model part or version: manifest.json is missing")
-    try:
-        manifest = json.loads(path.read_text())
-        files = dict(manifest["files"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelVersionError(
-            f"{path} is not a valid manifest ({exc}); the model version is corrupted"
-        ) from None
-    for rel, digest in files.items():
-        f = directory / rel
-        if not f.is_file():
-            raise ModelVersionError(f"{f} is listed in {path} but missing; the model version is incomplete")
-        if _sha256(f) != digest:
-            raise ModelVersionError(
-                f"{f} does not match its hash in {path}: the file was changed or corrupted"
-            )
-    return manifest
-
-
-def _load_tensors(path: Path, module: nn.Module, what: str, strict: bool = True) -> None:
-    if not path.is_file():
-        raise ModelVersionError(f"{what} weights {path} are missing")
-    tensors = load_file(str(path))
-    own = module.state_dict()
-    for name, t in tensors.items():
-        if name in own and own[name].shape != t.shape:
-            raise ModelVersionError(
-                f"{path}: tensor {name!r} has shape {tuple(t.shape)} but the model expects {tuple(own[name].shape)}; "
-                "the weights were saved with a different config"
-            )
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if unexpected or (strict and missing):
-        raise ModelVersionError(
-            f"{path} does not fit the {what} config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# The three parts
-# ---------------------------------------------------------------------------------------------
-
-
-def save_visual(model: VisualDisentangler, directory: Path) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        str(directory / "model.safetensors"),
-    )
-    (directory / "config.json").write_text(model.config.model_dump_json(indent=2))
-    write_manifest(directory, {"part": "visual"})
-
-
-def load_visual(directory: Path, config: VisualConfig | None = None) -> VisualDisentangler:
-    directory = Path(directory)
-    verify_manifest(directory)
-    config = config or VisualConfig.model_validate_json((directory / "config.json").read_text())
-    model = VisualDisentangler(config)
-    _load_tensors(directory / "model.safetensors", model, "visual disentangler")
-    return model.eval()
-
-
-def save_text(model: TextDisentangler, directory: Path) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.encoder.save_pretrained(directory / "encoder")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()},
-        str(directory / "heads.safetensors"),
-    )
-    (directory / "config.json").write_text(model.config.model_dump_json(indent=2))
-    write_manifest(directory, {"part": "text"})
-
-
-def load_text(directory: Path, config: TextConfig | None = None) -> TextDisentangler:
-    directory = Path(directory)
-    verify_manifest(directory)
-    config = config or TextConfig.model_validate_json((directory / "config.json").read_text())
-    encoder = TextEncoder.from_pretrained(
-        directory / "encoder", max_length=config.max_length, frozen=config.frozen
-    )
-    model = TextDisentangler(config, encoder)
-    _load_tensors(directory / "heads.safetensors", model.heads, "text heads")
-    return model.eval()
 
 
 def save_generator(model: Generator, ema: EMA | None, directory: Path) -> None:

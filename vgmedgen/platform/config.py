@@ -23,7 +23,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
-from vgmedgen.model.vgmedgen import ModelConfig
+from vgmedgen.model.model_config import ModelConfig
 from vgmedgen.platform.datasets.config import ReaderOptions
 from vgmedgen.platform.evaluation.config import AdherenceConfig, EvaluateConfig
 from vgmedgen.platform.generation.config import GenerateConfig

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from vgmedgen.model.ema import EMA
-from vgmedgen.model.generator import Generator, build_generator
+from vgmedgen.model.parts import load_text, load_visual, save_text, save_visual
 from vgmedgen.model.text import TextDisentangler
-from vgmedgen.model.vgmedgen import VGMedGen, load_text, load_visual, save_generator, save_text, save_visual
 from vgmedgen.model.visual import VisualDisentangler
 from vgmedgen.platform.config import ExperimentConfig
-from vgmedgen.platform.generation.grid import SwapGrid
-from vgmedgen.platform.generation.sample import generate_samples
 from vgmedgen.platform.storage import atomic_directory
 from vgmedgen.platform.training.data import RecordArrays
 from vgmedgen.platform.training.loop import global_sum
+
+if TYPE_CHECKING:
+    from vgmedgen.model.generator import Generator
+
+# The generator, VGMedGen and the samplers are imported by the dit task alone: the visual and align stages'
+# workers then import no diffusers (seconds of start-up per worker and stage).
 
 __all__ = ["build_task", "VisualTask", "AlignTask", "DitTask"]
 
@@ -219,6 +222,8 @@ class DitTask(_Base):
     def __init__(
         self, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device, world: int = 1
     ) -> None:
+        from vgmedgen.model.generator import build_generator
+
         super().__init__(cfg, device)
         self.world = world
         self.visual = load_visual(inputs["visual"], cfg.model.visual).to(device).eval().requires_grad_(False)
@@ -301,6 +306,8 @@ class DitTask(_Base):
         """A sweep's objective (``objective``) and its companions, measured on the EMA model."""
         if not self.objective.samples:
             return {"objective": loss}
+        from vgmedgen.model.vgmedgen import VGMedGen
+
         was_training = self.module.training  # VGMedGen puts its parts in eval mode
         try:
             values = self.objective(VGMedGen(self.cfg.model, self.visual, self.text, self.module, self.ema))
@@ -325,12 +332,18 @@ class DitTask(_Base):
         self.step = int(state["step"])
 
     def export(self, directory: Path) -> None:
+        from vgmedgen.model.vgmedgen import save_generator
+
         with atomic_directory(directory) as d:
             save_generator(self.module, self.ema, d)
 
     def artifacts(self, step: int, directory: Path) -> list[Path]:
         """The swap grid of up to 4 validation anatomy x style prompts (EMA weights, seed 0 in every
         cell) and the same images as a plain sample grid."""
+        from vgmedgen.model.vgmedgen import VGMedGen
+        from vgmedgen.platform.generation.grid import SwapGrid
+        from vgmedgen.platform.generation.sample import generate_samples
+
         k = min(4, len(self.val_data))
         anatomy = [t for t in self.val_data.anatomy_texts[:k] if t.strip()]
         style = [t for t in self.val_data.style_texts[:k] if t.strip()]

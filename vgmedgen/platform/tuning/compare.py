@@ -276,9 +276,7 @@ def compare_trials(
 ) -> list[Path]:
     """Evaluate every trial that trained to the end and has no figures yet (``save`` after each, so a report
     cut short continues), then write and log the comparison. Returns the files written."""
-    from vgmedgen.platform.storage import stable_hash
-
-    settings = stable_hash(sweep.config.report.model_dump(mode="json", exclude={"evaluate"}), 12)
+    settings = json.dumps(sweep.config.report.model_dump(mode="json", exclude={"evaluate"}), sort_keys=True)
     done = [r for r in rows if r.state == "DONE"]
     for row in done:
         if row.evaluated_with != settings:  # not evaluated yet, or with other report settings

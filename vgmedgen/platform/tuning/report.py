@@ -30,7 +30,7 @@ class TrialRow:
     stage_runs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     evaluation: dict[str, float] = field(default_factory=dict)  # the comparison report's figures
-    evaluated_with: str | None = None  # a hash of the report settings those figures were measured with
+    evaluated_with: str | None = None  # the report settings (JSON) those figures were measured with
 
     @property
     def short(self) -> str:
