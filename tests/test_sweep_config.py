@@ -280,3 +280,16 @@ def test_stage_lock_serialises_one_stage_run_and_leaves_others_free(tmp_path: Pa
     waiting.join(10)
     assert entered == ["other", "same"]
     assert len(list((same.root / "runs").glob("*.lock"))) == 2
+
+
+def test_output_root_precedence_is_every_jobs(tmp_path: Path, monkeypatch) -> None:
+    """A sweep's output root as every job's: an output_root override > $VGMEDGEN_OUTPUT_ROOT > the base YAML (a
+    RayJob sets the variable on the shared volume; a base config that names a root must not win over it)."""
+    base = tmp_path / "base.yaml"
+    base.write_text((REPO / "configs" / "tiny.yaml").read_text() + f"output_root: {tmp_path / 'yaml'}\n")
+    monkeypatch.setenv("VGMEDGEN_OUTPUT_ROOT", str(tmp_path / "env"))
+    assert load_sweep(_write(tmp_path, base=str(base))).base.root == tmp_path / "env"
+    pinned = load_sweep(_write(tmp_path, base=str(base), overrides=[f"output_root={tmp_path / 'cli'}"]))
+    assert pinned.base.root == tmp_path / "cli"
+    monkeypatch.delenv("VGMEDGEN_OUTPUT_ROOT")
+    assert load_sweep(_write(tmp_path, base=str(base))).base.root == tmp_path / "yaml"

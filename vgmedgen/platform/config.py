@@ -40,6 +40,7 @@ __all__ = [
     "apply_overrides",
     "load_experiment",
     "resolve_output_root",
+    "experiment_data",
 ]
 
 OUTPUT_ROOT_ENV = "VGMEDGEN_OUTPUT_ROOT"
@@ -262,6 +263,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def experiment_data(path: str | Path | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """An experiment's raw data: the YAML file (or nothing) with ``overrides`` applied and the output root's
+    precedence (an ``output_root=`` override > ``$VGMEDGEN_OUTPUT_ROOT`` > the YAML value)."""
+    data = read_yaml(path) if path is not None else {}
+    explicit_root = any(o.split("=", 1)[0].strip() == "output_root" for o in overrides)
+    data = apply_overrides(data, overrides)
+    if not explicit_root and os.environ.get(OUTPUT_ROOT_ENV):
+        data["output_root"] = os.environ[OUTPUT_ROOT_ENV]
+    return data
+
+
 def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load and validate an experiment from a YAML file (or defaults when ``path`` is None) plus overrides.
 
@@ -272,11 +284,7 @@ def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (
     Raises:
         ConfigError: naming the file or field path, the bad value and what is allowed.
     """
-    data = read_yaml(path) if path is not None else {}
-    explicit_root = any(o.split("=", 1)[0].strip() == "output_root" for o in overrides)
-    data = apply_overrides(data, overrides)
-    if not explicit_root and os.environ.get(OUTPUT_ROOT_ENV):
-        data["output_root"] = os.environ[OUTPUT_ROOT_ENV]
+    data = experiment_data(path, overrides)
     cfg = build_config(ExperimentConfig, data, where=str(path) if path else "")
     resolve_output_root(cfg.output_root)  # an output root that is not absolute fails here, at load time
     return cfg

@@ -45,7 +45,13 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from vgmedgen.model.configbase import ConfigError, StrictConfig, build_config
-from vgmedgen.platform.config import ExperimentConfig, apply_overrides, read_yaml, resolve_output_root
+from vgmedgen.platform.config import (
+    ExperimentConfig,
+    apply_overrides,
+    experiment_data,
+    read_yaml,
+    resolve_output_root,
+)
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -345,7 +351,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     data = apply_overrides(read_yaml(path), overrides or [])
     config = build_config(SweepConfig, data, where=str(path))
     base_path = (path.parent / config.base).resolve()
-    base_data = apply_overrides(read_yaml(base_path), config.overrides)
+    base_data = experiment_data(base_path, config.overrides)  # the output root's precedence as every job's
     base = build_config(ExperimentConfig, base_data, where=str(base_path))
     resolve_output_root(base.output_root)
     dump = base.model_dump(mode="json")
