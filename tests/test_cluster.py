@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def _readme_command() -> list[str]:
 
 
 def test_readme_ray_job_submit_trains_and_registers(
-    ray_cluster, ray_head, mlflow_server: MlflowServer, tmp_path: Path
+    ray_cluster, ray_head, mlflow_server: MlflowServer, tmp_path: Path, monkeypatch, capsys
 ):
     argv = _readme_command()
     root = tmp_path / "shared"
@@ -149,6 +150,88 @@ def test_readme_ray_job_submit_trains_and_registers(
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:/")
     stored = {p.name for p in mlflow_server.artifacts.rglob("*") if p.is_file()}
     assert "manifest.json" in stored and "MODEL_CARD.md" in stored, sorted(stored)[:20]
+
+    # What the staged training leaves, read from the same job (the suite trains the tiny pipeline once here):
+    # every logged step once per stage, checkpoints ranked by validation, the export and the sample grids.
+    for stage, run in stages.items():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, f"{stage}/total")]
+        assert steps == sorted(set(steps)) and max(steps) == 5, (stage, steps)  # tiny: 6 steps, never twice
+        assert run.data.params["train.steps"] == "6"
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "export")] == [
+            f"export/{ {'visual': 'visual', 'align': 'text', 'dit': 'generator'}[stage] }"
+        ]
+    assert "visual/val_dice" in stages["visual"].data.metrics and "dit/val_loss" in stages["dit"].data.metrics
+    assert "align/val_cos_anatomy" in stages["align"].data.metrics
+    assert "visual/val_dice" in stages["visual"].data.tags["best_checkpoint"]
+    samples = [a.path for a in client.list_artifacts(stages["dit"].info.run_id, "samples")]
+    assert any("swap_grid" in p for p in samples), samples
+    _the_trained_version(root, mlflow_server, versions[0], parent.info.run_id, monkeypatch, capsys)
+
+
+def _the_trained_version(root, mlflow_server, version, parent_run, monkeypatch, capsys) -> None:
+    """The registry, the model card, loading and sampling, resubmission and content naming, on the version the
+    README job trained (in this process, against the same MLflow server)."""
+    from safetensors.torch import load_file, save_file
+
+    from vgmedgen.model.vgmedgen import VGMedGen, write_manifest
+    from vgmedgen.platform.config import load_experiment
+    from vgmedgen.platform.tracking import resolve_model
+    from vgmedgen.platform.training.driver import assemble_version, train_experiment
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    cfg = load_experiment(REPO / "configs/tiny.yaml", [f"output_root={root}"])
+    ref = f"vgmedgen-tiny@{cfg.tracking.alias}"
+    resolved = resolve_model(ref, cfg)
+    assert resolved.name.startswith("vgmedgen-tiny-v") and resolved.run_id == parent_run
+    assert resolved.path == cfg.root / "models" / "_registry" / resolved.name and len(resolved.id) == 64
+    # copied once under the output root (every node sees it): a second resolve reuses the copy; a damaged copy is
+    # made again from the registry
+    stamp = (resolved.path / "manifest.json").stat().st_mtime_ns
+    assert resolve_model(ref, cfg).path == resolved.path
+    assert (resolved.path / "manifest.json").stat().st_mtime_ns == stamp
+    weights = sorted(p for p in resolved.path.rglob("*.safetensors"))[0]
+    weights.write_bytes(b"damaged")
+    assert resolve_model(ref, cfg).id == resolved.id and weights.read_bytes() != b"damaged"
+    # the model card names every stage's run and the registry entry, outside the hashes, in the registered copy too
+    card = (version / "MODEL_CARD.md").read_text()
+    assert card.count("`tiny-") >= 3 and "vgmedgen-tiny" in card
+    assert (resolved.path / "MODEL_CARD.md").read_text() == card
+    assert "MODEL_CARD.md" not in json.loads((resolved.path / "manifest.json").read_text())["files"]
+    model = VGMedGen.from_pretrained(resolved.path)
+    cond = model.conditions_from_prompts(["a small round lesion"], ["dark brown pigment"])
+    images, masks = model.generate(cond, [3], sampler=cfg.model.sampler.model_copy(update={"num_steps": 2}))
+    assert images.shape == (1, 3, 16, 16) and masks.shape == (1, 1, 16, 16)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+
+    # re-submitting the finished job trains nothing and says so; sampler settings are in no stage's identity
+    capsys.readouterr()
+    again = train_experiment(
+        load_experiment(REPO / "configs/tiny.yaml", [f"output_root={root}", "model.sampler.num_steps=3"])
+    )
+    assert not any(r.trained for r in again.stages)
+    assert sorted(r.run_name for r in again.stages) == sorted(
+        p.name for p in (root / "runs").iterdir() if p.is_dir()
+    )
+    assert "nothing to train" in capsys.readouterr().out
+    # checkpoints are ranked by the validation metric; the best is recorded with the run
+    best = json.loads((root / "runs" / again.stages[0].run_name / "DONE.json").read_text())["best_checkpoint"]
+    assert best["visual/val_dice"] is not None and Path(best["path"]).is_dir()
+
+    # the version is named by its parts' content: a retrained part (as --fresh makes) is a new version even when
+    # every run name is the same; the same parts are the same version
+    parts = {p: version / p for p in ("visual", "text", "generator")}
+    assert assemble_version(cfg, parts) == version
+    retrained = root / "retrained-generator"
+    shutil.copytree(parts["generator"], retrained)
+    tensors_file = next(retrained.glob("*.safetensors"))
+    tensors = load_file(str(tensors_file))
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}, str(tensors_file))
+    write_manifest(
+        retrained,
+        {k: v for k, v in json.loads((retrained / "manifest.json").read_text()).items() if k != "files"},
+    )
+    rebuilt = assemble_version(cfg, {**parts, "generator": retrained})
+    assert rebuilt != version and (rebuilt / "manifest.json").is_file()
 
 
 def test_submit_without_the_token_is_refused_with_a_clear_message(ray_cluster, ray_head):

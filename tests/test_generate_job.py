@@ -53,7 +53,7 @@ def _fd(summary: dict) -> dict[tuple[str, str], float]:
 @pytest.mark.timeout(900)
 def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Path, tmp_path: Path) -> None:
     """One undisturbed run with one sampler actor; a finished run rerun writes nothing; the same job as a
-    real process with four sampler actors, SIGKILLed mid-way and run again, ends with the same ids, the
+    real process with two sampler actors, SIGKILLed mid-way and run again, ends with the same ids, the
     same image bytes and the same FD."""
     import signal
 
@@ -96,9 +96,9 @@ def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Pa
     again = generate_experiment(cfg)
     assert again.reused and again.written == 0
 
-    # The job as a process with four sampler actors, its driver SIGKILLed once the first file is written.
+    # The job as a process with two sampler actors, its driver SIGKILLed once the first file is written.
     args = ["--config", "configs/tiny.yaml", *overrides, "generate.name=killed"]
-    args += ["generate.sampler.size=4", "generate.sampler.num_cpus=0.25"]
+    args += ["generate.sampler.size=2", "generate.sampler.num_cpus=0.5"]
     killed_dir = first.out_dir.parent / "killed"
     job = JobProcess("generate.py", args)
     job.wait_for(lambda _: any((killed_dir / TABLE_DIR).glob("*.parquet")), timeout_s=300)
@@ -114,7 +114,7 @@ def test_generation_job_is_exactly_once_and_resumes(ray_cluster, output_root: Pa
     assert dict(zip(got, killed.column("image").to_pylist())) == images  # bytes equal
     resumed_fd = _fd(json.loads((killed_dir / "summary.json").read_text()))
     assert resumed_fd.keys() == _fd(summary).keys()
-    for key, value in _fd(summary).items():  # 1 vs 4 actors, other files: the merge does not care
+    for key, value in _fd(summary).items():  # 1 vs 2 actors, other files: the merge does not care
         assert resumed_fd[key] == pytest.approx(value, rel=1e-3, abs=1e-9), key
 
 
