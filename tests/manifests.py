@@ -32,6 +32,7 @@ __all__ = [
     "ManifestError",
     "documents",
     "launcher_problems",
+    "manifest_problems",
     "serve_config_problems",
     "strict_schema",
     "unknown_serve_keys",
@@ -103,8 +104,8 @@ def _where(path: Iterator[Any]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
 
 
-def validate_manifest(doc: dict[str, Any]) -> None:
-    """Validate one Kubernetes object; raises :class:`ManifestError` naming every problem and its path."""
+def manifest_problems(doc: dict[str, Any]) -> list[str]:
+    """Every problem of one Kubernetes object against its schema (strict: unknown fields too), with its path."""
     api, kind = doc.get("apiVersion", ""), doc.get("kind", "")
     problems = []
     unknown_meta = sorted(set(doc.get("metadata", {})) - METADATA_FIELDS)
@@ -126,9 +127,15 @@ def validate_manifest(doc: dict[str, Any]) -> None:
             problems.append(f"{_where(err.absolute_path)}: {err.message}")
         except kubernetes_validate.SchemaNotFoundError as err:
             problems.append(err.message)
+    return problems
+
+
+def validate_manifest(doc: dict[str, Any]) -> None:
+    """Validate one Kubernetes object; raises :class:`ManifestError` naming every problem and its path."""
+    problems = manifest_problems(doc)
     if problems:
         name = doc.get("metadata", {}).get("name", "?")
-        raise ManifestError(f"{kind} {name}:\n  " + "\n  ".join(problems))
+        raise ManifestError(f"{doc.get('kind', '')} {name}:\n  " + "\n  ".join(problems))
 
 
 def unknown_serve_keys(model: type, data: Any, path: str = "") -> list[str]:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,6 +548,10 @@ class AdherenceResult:
     @property
     def all_passed(self) -> bool:
         return all(self.passed.values())
+
+    def headline_metrics(self) -> dict[str, float]:
+        """:meth:`metrics` without the per-row and per-column figures (what a model card or a comparison shows)."""
+        return {k: v for k, v in self.metrics().items() if not re.search(r"/(row|col)\d+_", k)}
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for MLflow, named by vocabulary and instrument: overall, per-row and per-column

@@ -20,7 +20,6 @@ re-measures a trained model without retraining it.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,7 @@ def _log_to_mlflow(uri: str, run_id: str, result: AdherenceResult, out_dir: Path
 def _record_on_card(cfg: ExperimentConfig, version_dir: Path, result: AdherenceResult, out_dir: Path) -> Path:
     """The headline adherence figures (per factor, pass flags, the pseudo-mask's and the ruler's ceiling;
     not the per-row and per-column ones) on the version's model card."""
-    headline = {k: v for k, v in result.metrics().items() if not re.search(r"/(row|col)\d+_", k)}
+    headline = result.headline_metrics()
     adh = cfg.adherence
     ruler = result.ruler_run.parent.name if result.ruler_run is not None else result.instrument
     source = (

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,7 +256,7 @@ def _adherence(
     colours = load_calibration(cfg.records_dir, adh)
     with torch.no_grad():
         result = measure_adherence(VGMedGen.from_pretrained(version), adh, colours, ruler, out_dir=out_dir)
-    figures = {k: v for k, v in result.metrics().items() if not re.search(r"/(row|col)\d+_", k)}
+    figures = result.headline_metrics()
     if tracker is not None and row.mlflow_run_id:
         tracker.sink(row.mlflow_run_id)([(0, figures)])
         tracker.log_artifacts(row.mlflow_run_id, out_dir, "adherence")
