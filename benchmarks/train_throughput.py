@@ -54,7 +54,7 @@ def step_flops(cfg, batch: int) -> float:
 
     from vgmedgen.model.generator import build_generator
 
-    gen = build_generator(cfg.model.generator)
+    gen = build_generator(cfg.model.generator, load_weights=False)  # random weights count the same FLOPs
     size = cfg.model.image_size
     a_dim, s_dim = cfg.model.text.anatomy_dim, cfg.model.text.style_dim
     g = torch.Generator().manual_seed(0)
@@ -63,6 +63,80 @@ def step_flops(cfg, batch: int) -> float:
         terms = gen.training_loss(images, torch.randn(batch, a_dim), torch.randn(batch, s_dim), generator=g)
         gen.reduce_loss(terms).backward()
     return float(counter.get_total_flops())
+
+
+# The dit step as `make demo` ran it before the step work of the demo issue, and the layouts since: the global
+# batch over two Ray Train workers of one thread each, or one worker with both threads.
+LAYOUTS = {
+    "before": [
+        "train.scaling.num_workers=2",
+        "train.find_unused_parameters=true",
+        "train.cache_conditions=false",
+    ],
+    "after": ["train.scaling.num_workers=2"],
+    "one-worker": ["train.scaling.num_workers=1", "train.scaling.cpus_per_worker=2"],
+}
+
+
+def layout_report(
+    seconds: dict[str, list[float]],
+    flops: float,
+    matmul: float,
+    *,
+    cores: int,
+    batch: int,
+    steps: int,
+    records: int,
+) -> str:
+    """The ``--compare step`` table: each layout's median step time, its ratio to ``before``, the rounds, and the
+    FLOP/s its step reaches as a share of ``cores`` x a large one-thread matmul's (``flops``: one step's FLOPs)."""
+    rounds = len(seconds["before"])
+    lines = [
+        f"demo dit stage, global batch {batch}, {steps} steps per run (conditions cached inside the timed loop: "
+        f"{records} records), {rounds} rounds",
+        f"{'layout':<12} {'median s/step':>14} {'ratio':>7} {'per round':>30} {'FLOP/s share':>13}",
+    ]
+    ref = statistics.median(seconds["before"])
+    for name, values in seconds.items():
+        med = statistics.median(values)
+        share = flops / med / (cores * matmul)
+        per_round = " ".join(f"{x:.3f}" for x in values)
+        lines.append(f"{name:<12} {med:>14.3f} {med / ref:>7.3f} {per_round:>30} {share:>13.1%}")
+    paired = [a / b for a, b in zip(seconds["after"], seconds["before"])]
+    lines.append(
+        f"after/before per round: {', '.join(f'{x:.3f}' for x in paired)}; median "
+        f"{statistics.median(paired):.3f} (target <= 0.75)"
+    )
+    return "\n".join(lines)
+
+
+def compare_layouts(args: argparse.Namespace, base_overrides: list[str], inputs: dict, flops: float) -> None:
+    """``--compare step``: the dit step time of each layout (Ray Train, the demo's settings), in alternating
+    rounds, as ratios to ``before``."""
+    import torch
+
+    from vgmedgen.platform.config import load_experiment
+    from vgmedgen.platform.training.runner import run_stage
+
+    names = list(LAYOUTS)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    k = 0
+    for r in range(max(args.repeats, 1)):
+        for name in names if r % 2 == 0 else names[::-1]:
+            k += 1
+            cfg = load_experiment(
+                REPO / "configs/demo.yaml",
+                [*base_overrides, "train.scaling.cpus_per_worker=1", *LAYOUTS[name], f"seed={k}"],
+            )
+            res = run_stage(cfg, "dit", inputs)
+            seconds[name].append(args.batch / res.metrics["dit/samples_per_s"])
+            print(f"  round {r + 1} {name}: {seconds[name][-1]:.3f} s/step", flush=True)
+    print(
+        layout_report(
+            seconds, flops, matmul_flops(1), cores=2, batch=args.batch, steps=args.steps, records=args.records
+        )
+    )
+    torch.set_num_threads(1)
 
 
 def main() -> None:
@@ -76,6 +150,12 @@ def main() -> None:
     )
     parser.add_argument("--records", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5, help="pairs of runs (alternating order)")
+    parser.add_argument(
+        "--compare",
+        choices=("ray", "step"),
+        default="ray",
+        help="ray: Ray Train (1 worker) vs in-process; step: the dit step's layouts (LAYOUTS) on 2 workers",
+    )
     args = parser.parse_args()
 
     import ray
@@ -95,6 +175,8 @@ def main() -> None:
         "train.align.steps=2",
         "train.visual.batch_size=8",
         "train.align.batch_size=8",
+        "train.autoencoder.steps=2",
+        "train.autoencoder.batch_size=8",
         f"train.dit.steps={args.steps}",
         f"train.dit.batch_size={args.batch}",
         f"train.dit.checkpoint_every={args.steps}",
@@ -113,6 +195,12 @@ def main() -> None:
         base, "align", {"visual": parts["visual"], "text_encoder": parts["text_encoder"]}
     ).export_dir
     inputs = {"visual": parts["visual"], "text": parts["text"]}
+    if base.model.generator.autoencoder is not None:  # the latent demo: the dit stage diffuses its latents
+        inputs["autoencoder"] = run_stage(base, "autoencoder", {}).export_dir
+    if args.compare == "step":
+        compare_layouts(args, common, inputs, step_flops(base, args.batch))
+        ray.shutdown()
+        return
 
     order = []
     for r in range(max(args.repeats, 1)):

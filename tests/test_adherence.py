@@ -258,9 +258,10 @@ def test_config_errors_name_the_problem():
 
 def test_adherence_is_a_section_of_the_experiment_set_by_yaml_and_overrides(tmp_path: Path):
     demo = REPO / "configs/demo.yaml"
-    assert load_experiment(demo).adherence == AdherenceConfig()  # the defaults live in the class only
-    cfg = load_experiment(demo, ["adherence.seeds_per_cell=4", "adherence.ruler.train.steps=50"])
-    assert cfg.adherence.seeds_per_cell == 4 and cfg.adherence.ruler.train.steps == 50
+    # configs/demo.yaml sets the seeds per cell (120 images); every other default lives in the class only.
+    assert load_experiment(demo).adherence == AdherenceConfig(seeds_per_cell=4)
+    cfg = load_experiment(demo, ["adherence.seeds_per_cell=2", "adherence.ruler.train.steps=50"])
+    assert cfg.adherence.seeds_per_cell == 2 and cfg.adherence.ruler.train.steps == 50
     assert load_experiment(REPO / "configs/demo-long.yaml").adherence.seeds_per_cell == 4  # from its YAML
     # Errors name the field path under the section, the value and what is allowed.
     for override, names in (
@@ -422,8 +423,16 @@ def test_one_ruler_measures_two_models_and_each_keeps_its_pseudo_mask_figures(
         batch_size=3,  # several generate calls, cells split across them
     )
     exact, shifted = _RealImageModel(cfg), _RealImageModel(cfg, shift=6)
+    # The exact stand-in says it draws 4-px patches (patch 2 over an autoencoder's 2x): the mosaic index of
+    # real images on that grid is about 1; the other has no generator and no patch grid to measure.
+    exact.generator = SimpleNamespace(
+        cfg=SimpleNamespace(backbone=SimpleNamespace(patch_size=2)), downscale=2
+    )
     res = measure_adherence(exact, cfg, calibration, ruler, out_dir=tmp_path)  # type: ignore[arg-type]
     other = measure_adherence(shifted, cfg, calibration, ruler)  # type: ignore[arg-type]
+    assert res.mosaic is not None and res.mosaic["block"] == 4 and 0.8 < res.mosaic["samples"] < 1.25
+    assert res.metrics()["synthderm/mosaic_index"] == res.mosaic["samples"]
+    assert "mosaic index on 4-px blocks" in res.table() and other.mosaic is None
     assert exact.calls == 3
     assert len(res.images) == len(res.pseudo_mask.images) == 8
     assert [(p["row"], p["column"]) for p in res.images[:4]] == [(0, 0), (0, 0), (0, 1), (0, 1)]

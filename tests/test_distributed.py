@@ -142,7 +142,11 @@ def _rank_gradient(stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], r
     seed_global_rng(cfg.seed, 0, rank)
     losses = task.loss(task.train_batch(idx, CPU), gen)
     losses["total"].backward()
-    out = {"grads": _grads(task), "index": idx.tolist()}
+    out = {
+        "grads": _grads(task),
+        "index": idx.tolist(),
+        "find_unused": task.loss_module.find_unused_parameters,
+    }
     if stage == "dit":
         out["active"] = int(losses["colour"].numel())
     return out
@@ -422,6 +426,32 @@ def test_k_steps_of_two_ranks_equal_one_process_simulation(setup: dict, stage: s
         f"ckpt-{STEPS - 1:04d}"
     ]
     assert not any((setup["out"] / f"store-{stage}" / "rank1").iterdir())
+
+
+def test_dit_runs_ddp_without_the_unused_parameter_search(setup: dict) -> None:
+    """train.find_unused_parameters=auto: the search is off for dit only (align's BERT pooler is unused); the
+    dit gradient and K-step tests above ran so, and test_generator checks every parameter takes part."""
+    assert [r["find_unused"] for r in _load(setup, "grad", "dit")] == [False, False]
+    for stage in ("visual", "align"):
+        assert [r["find_unused"] for r in _load(setup, "grad", stage)] == [True, True]
+
+
+def test_cached_conditions_are_the_ones_each_step_computes(setup: dict) -> None:
+    cfg, inputs = setup["cfg"], setup["inputs"]
+    cached = _task("dit", cfg, inputs)
+    fresh = _task("dit", _cfg(cfg.root, "train.cache_conditions=false"), inputs)
+    assert fresh._condition_cache() is None
+    for micro_step in range(3):
+        idx = batch_indices(cached.train_size(), BATCH, cfg.seed, micro_step, 0, 1)
+        got = cached.train_batch(idx, CPU)["conditions"]
+        batch = fresh.train_batch(idx, CPU)
+        assert "conditions" not in batch
+        want = fresh._conditions(batch)
+        assert got.keys() == want.keys()
+        for k in want:  # the same shapes (captions padded to the batch's longest) and values
+            assert got[k].shape == want[k].shape, k
+            torch.testing.assert_close(got[k].to(want[k].dtype), want[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert len(cached._cache["prior_a"]) == cached.train_size()
 
 
 def test_batch_not_shared_equally_is_refused(tmp_path: Path) -> None:

@@ -541,6 +541,38 @@ def test_latent_space_training_with_vae_crop(pretrained_dir: Path, tiny_vae_dir:
     )
     with pytest.raises(ComponentNotFoundError, match="generator.vae_dir"):
         build_generator(bad)
+    # Precomputed posterior moments (the dit stage's cache) give the loss terms that encoding gives.
+    with_moments = gen.training_loss(
+        images,
+        t_a,
+        t_s,
+        generator=torch.Generator().manual_seed(0),
+        latent_moments=gen.vae.moments(images),
+    )
+    for k in terms:
+        torch.testing.assert_close(with_moments[k], terms[k], msg=k)
+
+
+def test_trained_autoencoder_config_sets_the_latent_grid_and_is_checked() -> None:
+    cfg = build_generator_config(
+        "tiny",
+        {
+            "autoencoder": {"block_out_channels": [16, 16, 32], "norm_num_groups": 8},
+            "backbone": {"in_channels": 4, "sample_size": 4},
+        },
+    )
+    assert cfg.downscale == 4
+    gen = build_generator(cfg, load_weights=False)  # the architecture, random: no export needed
+    assert gen.image_size == 16 and gen.sample_shape() == (4, 4, 4)
+    with pytest.raises(ConfigError, match="pass its export directory"):
+        build_generator(cfg)
+    for over, message in (
+        ({"autoencoder": {}, "backbone": {"in_channels": 3}}, "backbone.in_channels must be 4"),
+        ({"autoencoder": {}, "vae_dir": "/x", "backbone": {"in_channels": 4}}, "keep one"),
+        ({"autoencoder": {"block_out_channels": [24, 32]}, "backbone": {"in_channels": 4}}, "must divide"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build_generator_config("tiny", over)
 
 
 # ---- EMA ------------------------------------------------------------------------------------
@@ -642,3 +674,42 @@ def test_stream_standardization_is_identity_until_set_from_data():
     assert {n for n, p in act.named_parameters() if p.requires_grad} >= {"shift", "log_scale"}
     with pytest.raises(RuntimeError, match="standardize=True"):
         plain.init_standardization(priors)
+
+
+# The dit stage runs DDP without its per-step search for unused parameters (train.find_unused_parameters=auto):
+# a trainable parameter outside some step's graph would then stall the gradient all-reduce or raise. Every
+# mode, under each extreme of the condition draws, must reach every trainable parameter.
+@pytest.mark.parametrize("mode", ["tokens", "separate", "hybrid", "caption"])
+@pytest.mark.parametrize(
+    "draws",
+    [
+        {"drop_all": 1.0},  # every stream (and, in hybrid and caption, the caption) dropped
+        {"drop_anatomy": 1.0},
+        {"drop_style": 1.0},
+        {"condition_source": 1.0},  # conditioned on the images' own priors: no caption in hybrid
+        {"drop_all": 0.0, "drop_anatomy": 0.0, "drop_style": 0.0, "condition_source": 0.0},  # nothing dropped
+    ],
+    ids=["all-dropped", "anatomy-dropped", "style-dropped", "from-priors", "nothing-dropped"],
+)
+def test_every_trainable_parameter_takes_part_in_every_step(mode: str, draws: dict) -> None:
+    conditioning = {"drop_all": 0.0, "drop_anatomy": 0.0, "drop_style": 0.0, "condition_source": 0.0, **draws}
+    gen = build_generator(
+        build_generator_config("tiny", {"hffm": {"mode": mode}, "conditioning": conditioning})
+    )
+    gen.train()
+    size, width = gen.cfg.backbone.sample_size, gen.cfg.hffm.text_width
+    g = torch.Generator().manual_seed(0)
+    terms = gen.training_loss(
+        torch.rand(N, 3, size, size) * 2 - 1,
+        torch.randn(N, A),
+        torch.randn(N, S),
+        torch.randn(N, A),
+        torch.randn(N, S),
+        text_tokens=torch.randn(N, 5, width),
+        text_mask=torch.ones(N, 5, dtype=torch.long),
+        generator=g,
+    )
+    gen.reduce_loss(terms).backward()
+    trainable = [n for n, p in gen.named_parameters() if p.requires_grad]
+    assert len(trainable) > 50
+    assert [n for n, p in gen.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -254,10 +254,12 @@ def test_comparison_groups_trials_by_all_but_their_seed_with_mean_and_std(tmp_pa
     )
 
 
-def test_stage_lock_serialises_one_stage_run_and_leaves_others_free(tmp_path: Path) -> None:
+def test_stage_lock_serialises_one_stage_run_and_leaves_others_free(tmp_path: Path, monkeypatch) -> None:
     """Concurrent trials that train an upstream stage themselves (a continuous upstream dimension) take the
     stage run's lock: a second trial needing the same run waits; one needing another run does not."""
     import threading
+
+    monkeypatch.setenv("VGMEDGEN_OUTPUT_ROOT", str(tmp_path / "out"))  # not the user's ~/vgmedgen
 
     from vgmedgen.platform.tuning.trial import stage_lock, trial_experiment
 
@@ -279,6 +281,7 @@ def test_stage_lock_serialises_one_stage_run_and_leaves_others_free(tmp_path: Pa
         assert entered == ["other"] and waiting.is_alive()  # the same run waits for the holder
     waiting.join(10)
     assert entered == ["other", "same"]
+    assert same.root == tmp_path / "out"
     assert len(list((same.root / "runs").glob("*.lock"))) == 2
 
 

@@ -118,7 +118,9 @@ def test_run_names_are_pinned_and_follow_what_reaches_each_stage(tmp_path: Path)
 
     base = names()
     # Pinned: a change that renames these renames every user's runs (their next job retrains from scratch).
-    assert base == ["tiny-visual-db7bdcbc9e58", "tiny-align-929d57bdb534", "tiny-dit-e641d9c83fee"]
+    # (Changed 2026-12-07: a stage section given in part, as configs/tiny.yaml gives every one, had lost the
+    # stage's own defaults: visual betas (0.5, 0.999), dit weight decay 1e-2. Align's defaults are the generic ones.)
+    assert base == ["tiny-visual-e214b83b48ce", "tiny-align-929d57bdb534", "tiny-dit-87f34dd7b178"]
     assert names("model.sampler.guidance_style=2.0", "train.dit.log_every=5") == base
     dit = names("train.dit.lr=3e-4")
     assert dit[:2] == base[:2] and dit[2] != base[2]
@@ -129,6 +131,25 @@ def test_run_names_are_pinned_and_follow_what_reaches_each_stage(tmp_path: Path)
     # world size and threads per worker change the result, so they change every name
     for scaling in ("train.scaling.num_workers=1", "train.scaling.threads_per_worker=2"):
         assert all(a != b for a, b in zip(names(scaling), base))
+
+
+def test_a_stage_section_given_in_part_keeps_the_stage_defaults(tmp_path: Path):
+    from vgmedgen.platform.training.config import STAGE_DEFAULTS
+
+    cfg = load_experiment(
+        REPO / "configs/tiny.yaml",
+        [
+            f"output_root={tmp_path}",
+            "train.dit.steps=100",
+            "train.autoencoder.steps=5",
+            "train.visual.lr=3e-4",
+        ],
+    )
+    assert (cfg.train.dit.steps, cfg.train.dit.weight_decay) == (100, STAGE_DEFAULTS["dit"]["weight_decay"])
+    assert cfg.train.dit.warmup_steps == 0  # configs/tiny.yaml sets it
+    assert (cfg.train.visual.lr, cfg.train.visual.betas) == (3e-4, (0.5, 0.999))
+    assert (cfg.train.autoencoder.steps, cfg.train.autoencoder.batch_size) == (5, 64)
+    assert cfg.train.autoencoder.lr == STAGE_DEFAULTS["autoencoder"]["lr"]
 
 
 def test_stage_without_its_input_is_a_clear_error(output_root: Path):
@@ -227,3 +248,104 @@ def test_train_job_stopped_with_sigterm_ends_its_runs_killed_and_a_resubmit_fini
     again = train_experiment(cfg)
     assert not any(r.trained for r in again.stages)
     assert {status(r.mlflow_run_id).info.status for r in again.stages} == {"FINISHED"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The autoencoder stage: a generator diffusing the latents of an autoencoder trained on the dataset
+# ---------------------------------------------------------------------------------------------------------
+
+AE_OVERRIDES = [
+    "model.generator.autoencoder.block_out_channels=[16,32]",  # 16 px images -> 8 x 8 latents
+    "model.generator.autoencoder.norm_num_groups=8",
+    "model.generator.backbone.sample_size=8",
+    "model.generator.backbone.patch_size=1",
+    "model.generator.backbone.in_channels=4",
+]
+
+
+def _ae_cfg(root: Path, *extra: str):
+    return load_experiment(
+        REPO / "configs/tiny.yaml",
+        [
+            f"output_root={root}",
+            "tracking.enabled=false",
+            "train.scaling.num_workers=0",
+            *AE_OVERRIDES,
+            "train.autoencoder.steps=60",
+            "train.autoencoder.batch_size=16",
+            "train.autoencoder.lr=2e-3",
+            "train.autoencoder.val_every=60",
+            "train.autoencoder.checkpoint_every=60",
+            "train.dit.steps=2",
+            "train.dit.batch_size=4",
+            *extra,
+        ],
+    )
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(4 / (a - b).square().mean()))
+
+
+def test_autoencoder_stage_trains_and_the_model_version_decodes_through_it(tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    from vgmedgen.model.autoencoder import FrozenAutoencoder
+    from vgmedgen.model.vgmedgen import VGMedGen
+    from vgmedgen.platform.datasets.synthderm import synthderm_record
+    from vgmedgen.platform.records import records_to_table
+    from vgmedgen.platform.training.data import RecordArrays
+    from vgmedgen.platform.training.driver import assemble_version, ensure_text_encoder, stage_inputs
+    from vgmedgen.platform.training.stages import build_task
+
+    cfg = _ae_cfg(tmp_path)
+    assert cfg.model.image_size == cfg.data.resolution == 16
+    assert cfg.train_stages == ("visual", "align", "autoencoder", "dit")  # run before dit, not listed
+    cfg.records_dir.mkdir(parents=True)  # records without Ray: all rows train (validation reads them too)
+    rows = [{**synthderm_record(0, i, 16), "split": "train"} for i in range(96)]
+    pq.write_table(records_to_table(rows), cfg.records_dir / "part-00000.parquet")
+    images = RecordArrays.load(cfg.records_dir, "train", limit=32).batch(torch.arange(32).numpy())["image"]
+    untrained = build_task("autoencoder", cfg, {}, torch.device("cpu"), 0, 1).reconstruct(images)
+
+    ae = run_stage(cfg, "autoencoder", {})
+    assert (ae.export_dir / "manifest.json").is_file() and ae.metrics["autoencoder/val_psnr"] > 0
+    frozen = FrozenAutoencoder.from_dir(ae.export_dir)
+    latents = frozen.encode(images, generator=torch.Generator().manual_seed(0))
+    assert latents.shape == (32, 4, 8, 8)
+    assert 0.5 < float(latents.std()) < 2.0  # the measured scaling factor brings the latents to unit scale
+    trained = frozen.decode(latents)
+    assert _psnr(trained, images) > _psnr(untrained, images) + 3  # reconstruction improved
+    # Its run name follows its own settings only: not the visual, text or generator ones.
+    assert (
+        stage_run_name(
+            _ae_cfg(tmp_path, "model.generator.colour.weight=0.5", "train.dit.lr=1e-3"), "autoencoder", {}
+        )
+        == ae.run_name
+    )
+    assert stage_run_name(
+        _ae_cfg(tmp_path, "model.generator.autoencoder.kl_weight=1e-4"), "autoencoder", {}
+    ) != (ae.run_name)
+
+    parts = {"text_encoder": ensure_text_encoder(cfg), "autoencoder": ae.export_dir}
+    for stage, part in (("visual", "visual"), ("align", "text")):  # untrained: the generator is what matters
+        parts[part] = tmp_path / part
+        build_task(stage, cfg, stage_inputs(stage, parts), torch.device("cpu"), 0, 1).export(parts[part])
+    with pytest.raises(StageInputError, match="needs the 'autoencoder' part"):
+        run_stage(cfg, "dit", {"visual": parts["visual"], "text": parts["text"]})
+    dit = run_stage(cfg, "dit", stage_inputs("dit", parts))
+    parts["generator"] = dit.export_dir
+    assert (dit.export_dir / "vae" / "config.json").is_file()  # the generator part keeps the autoencoder
+
+    version = assemble_version(cfg, parts)
+    model = VGMedGen.from_pretrained(version)
+    vae = model.generator.vae
+    assert vae is not None and vae.scale_factor == 2
+    assert vae.scaling_factor == pytest.approx(frozen.scaling_factor) and vae.scaling_factor != 1.0
+    for name, p in frozen.vae.state_dict().items():
+        assert torch.equal(vae.vae.state_dict()[name], p), name
+    conditions = model.conditions_from_captions(["a small lesion", "a large lesion"])
+    out, masks = model.generate(
+        conditions, [0, 1], sampler=model.config.sampler.model_copy(update={"num_steps": 2})
+    )
+    assert out.shape == (2, 3, 16, 16) and masks.shape == (2, 1, 16, 16)
+    assert torch.isfinite(out).all() and 0 <= float(out.min()) and float(out.max()) <= 1

@@ -155,7 +155,18 @@ def _build_backbone(cfg: GeneratorConfig, *, load_weights: bool) -> PixArtBackbo
     return backbone
 
 
-def _build_vae(cfg: GeneratorConfig, *, load_weights: bool) -> FrozenAutoencoder | None:
+def _build_vae(
+    cfg: GeneratorConfig, *, load_weights: bool, autoencoder_dir: Path | None = None
+) -> FrozenAutoencoder | None:
+    if cfg.autoencoder is not None:
+        if not load_weights:
+            return FrozenAutoencoder(cfg.autoencoder.build())
+        if autoencoder_dir is None:
+            raise ConfigError(
+                "generator.autoencoder is set: the generator diffuses the latents of the autoencoder trained by "
+                "the 'autoencoder' stage, so pass its export directory (the train job does)"
+            )
+        return FrozenAutoencoder.from_dir(autoencoder_dir, field="the autoencoder stage's export")
     if cfg.vae_dir is None:
         return None
     vae = FrozenAutoencoder.from_dir(cfg.vae_dir) if load_weights else FrozenAutoencoder.from_config()
@@ -167,7 +178,9 @@ def _build_vae(cfg: GeneratorConfig, *, load_weights: bool) -> FrozenAutoencoder
     return vae
 
 
-def build_generator(cfg: GeneratorConfig, *, load_weights: bool = True) -> Generator:
+def build_generator(
+    cfg: GeneratorConfig, *, load_weights: bool = True, autoencoder_dir: Path | None = None
+) -> Generator:
     """Build the generator described by ``cfg``.
 
     Args:
@@ -175,6 +188,8 @@ def build_generator(cfg: GeneratorConfig, *, load_weights: bool = True) -> Gener
         load_weights: load the pretrained transformer and the VAE from their directories. False
             builds the same architecture with random weights (parameter counts under
             ``torch.device("meta")``, GPU smoke tests) and never touches the disk.
+        autoencoder_dir: the trained autoencoder (``generator.autoencoder``): the autoencoder stage's export,
+            or ``generator/vae`` of a model version.
 
     Raises:
         ComponentNotFoundError: a configured directory does not exist or holds no model (the
@@ -182,7 +197,7 @@ def build_generator(cfg: GeneratorConfig, *, load_weights: bool = True) -> Gener
         ConfigError: the checkpoint's architecture disagrees with ``cfg.backbone``.
     """
     backbone = _build_backbone(cfg, load_weights=load_weights)
-    vae = _build_vae(cfg, load_weights=load_weights)
+    vae = _build_vae(cfg, load_weights=load_weights, autoencoder_dir=autoencoder_dir)
     return Generator(cfg, backbone, vae)
 
 
@@ -437,6 +452,7 @@ class Generator(nn.Module):
         generator: torch.Generator,
         step: int = 0,
         latents: torch.Tensor | None = None,
+        latent_moments: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Unreduced loss terms for one batch; every random draw comes from ``generator``.
 
@@ -461,6 +477,9 @@ class Generator(nn.Module):
             generator: the source of noise, timesteps, dropouts and crops.
             step: the optimiser step (``colour.every_k``).
             latents: (N, C, h, w) precomputed latents of ``images`` (skips the VAE encoder).
+            latent_moments: the VAE posterior's (mean, std) of ``images`` (``FrozenAutoencoder.moments``),
+                precomputed: the latents are drawn from it at the point, and with the draw, that encoding
+                would make (the same values as without it).
 
         Returns:
             ``{"eps": (N,), "colour": (N,), "colour_mask": (N,) bool}``: the diffusion loss per sample
@@ -481,9 +500,12 @@ class Generator(nn.Module):
         timesteps = torch.randint(
             0, self.cfg.schedule.num_train_timesteps, (n,), generator=generator, device=gdev
         ).to(device)  # (N,)
-        x0 = (
-            latents.float() if latents is not None else self.encode(images, generator=generator)
-        )  # (N, C, h, w)
+        if latents is not None:
+            x0 = latents.float()  # (N, C, h, w)
+        elif latent_moments is not None and self.vae is not None:
+            x0 = self.vae.sample(*latent_moments, generator=generator).float()
+        else:
+            x0 = self.encode(images, generator=generator)
         noise = torch.randn(x0.shape, generator=generator, device=gdev).to(device)  # (N, C, h, w)
 
         cond = self.cfg.conditioning

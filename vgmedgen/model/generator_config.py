@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from vgmedgen.model.autoencoder import AutoencoderConfig
 from vgmedgen.model.configbase import StrictConfig, build_config, choose_preset, deep_merge
 from vgmedgen.model.hffm import HFFMConfig
 from vgmedgen.model.lora import LoraSettings
@@ -213,6 +214,8 @@ class GeneratorConfig(StrictConfig):
         pretrained_dir: a local diffusers pipeline dir (transformer in ``transformer/``) or the
             transformer dir itself; required with ``init='pretrained'``.
         vae_dir: a local pipeline dir (``vae/``) or VAE dir; None = pixel-space diffusion.
+        autoencoder: diffuse the latents of an autoencoder trained on the dataset (the ``autoencoder``
+            training stage; kept in the generator part as ``vae/``) instead; exclusive with ``vae_dir``.
         hffm: the fusion of the anatomy and style streams.
         conditioning: condition dropout and condition source.
         lora: LoRA settings (``train='lora'``).
@@ -229,6 +232,7 @@ class GeneratorConfig(StrictConfig):
     train: Literal["lora", "full"] = "full"
     pretrained_dir: Path | None = None
     vae_dir: Path | None = None
+    autoencoder: AutoencoderConfig | None = None
     hffm: HFFMConfig = HFFMConfig()
     conditioning: ConditioningConfig = ConditioningConfig()
     lora: LoraSettings = LoraSettings()
@@ -250,10 +254,21 @@ class GeneratorConfig(StrictConfig):
                 "init='pretrained' needs pretrained_dir: a local PixArt pipeline directory (with "
                 "'transformer/') or the transformer directory itself; or use init='scratch'"
             )
-        if self.vae_dir is None and self.backbone.in_channels != PIXEL_CHANNELS:
+        if self.vae_dir is not None and self.autoencoder is not None:
+            raise ValueError(
+                "vae_dir (a pretrained VAE) and autoencoder (one trained on the dataset) both given; keep one"
+            )
+        if self.autoencoder is not None and self.backbone.in_channels != self.autoencoder.latent_channels:
+            raise ValueError(
+                f"the generator diffuses the trained autoencoder's {self.autoencoder.latent_channels}-channel "
+                f"latents, so backbone.in_channels must be {self.autoencoder.latent_channels} "
+                f"(got {self.backbone.in_channels})"
+            )
+        if self.vae_dir is None and self.autoencoder is None and self.backbone.in_channels != PIXEL_CHANNELS:
             raise ValueError(
                 f"without vae_dir the generator diffuses RGB pixels, so backbone.in_channels must be "
-                f"{PIXEL_CHANNELS} (got {self.backbone.in_channels}); set vae_dir to diffuse VAE latents"
+                f"{PIXEL_CHANNELS} (got {self.backbone.in_channels}); set vae_dir to diffuse VAE latents, or "
+                "autoencoder to train one on the dataset"
             )
         if self.colour.t_max >= self.schedule.num_train_timesteps:
             raise ValueError(
@@ -261,6 +276,14 @@ class GeneratorConfig(StrictConfig):
                 f"{self.schedule.num_train_timesteps}"
             )
         return self
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per diffused sample along each side: 1 in pixel space, the autoencoder's factor, or 8 for
+        a pretrained (Stable Diffusion family) VAE."""
+        if self.autoencoder is not None:
+            return self.autoencoder.downscale
+        return 1 if self.vae_dir is None else 8
 
 
 # --------------------------------------------------------------------------------------------

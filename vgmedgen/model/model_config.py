@@ -106,6 +106,4 @@ class ModelConfig(StrictConfig):
     @property
     def image_size(self) -> int:
         """The side of the images the model generates (and trains on), in pixels."""
-        g = self.generator
-        factor = 1 if g.vae_dir is None else 8
-        return g.backbone.sample_size * factor
+        return self.generator.backbone.sample_size * self.generator.downscale

@@ -74,6 +74,10 @@ __all__ = [
 ]
 
 
+# The generator part's copy of an autoencoder trained on the dataset (generator.autoencoder).
+GENERATOR_VAE = "vae"
+
+
 def save_generator(model: Generator, ema: EMA | None, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,9 @@ def save_generator(model: Generator, ema: EMA | None, directory: Path) -> None:
         )
     if model.lora_modules:
         model.save_lora_adapter(directory / "lora")
+    shutil.rmtree(directory / GENERATOR_VAE, ignore_errors=True)
+    if model.cfg.autoencoder is not None:  # trained on the dataset: the version keeps it
+        model.vae.vae.save_pretrained(directory / GENERATOR_VAE)
     (directory / "config.json").write_text(model.cfg.model_dump_json(indent=2))
     write_manifest(directory, {"part": "generator", "parameter_counts": model.parameter_counts()})
 
@@ -104,7 +111,7 @@ def load_generator(directory: Path, config: GeneratorConfig | None = None) -> tu
     directory = Path(directory)
     verify_manifest(directory)
     config = config or GeneratorConfig.model_validate_json((directory / "config.json").read_text())
-    model = build_generator(config)
+    model = build_generator(config, autoencoder_dir=directory / GENERATOR_VAE if config.autoencoder else None)
     trained = dict(model.named_trainable_parameters())
     path = directory / "trainable.safetensors"
     tensors = load_file(str(path))

@@ -184,6 +184,26 @@ class ExperimentConfig(StrictConfig):
                 "(or change model.generator.backbone.sample_size)"
             )
 
+    @model_validator(mode="after")
+    def _autoencoder_stage_has_an_autoencoder(self) -> ExperimentConfig:
+        if "autoencoder" in self.train.stages and self.model.generator.autoencoder is None:
+            raise ValueError(
+                "train.stages names 'autoencoder', but model.generator.autoencoder is not set: the stage trains "
+                "the autoencoder whose latents the generator diffuses. Set model.generator.autoencoder (e.g. {}) "
+                "or leave the stage out"
+            )
+        return self
+
+    @property
+    def train_stages(self) -> tuple[str, ...]:
+        """The stages the train job runs: ``train.stages``, with the autoencoder stage before dit when the
+        generator diffuses the latents of an autoencoder trained on the dataset (``model.generator.autoencoder``)."""
+        stages = tuple(self.train.stages)
+        if self.model.generator.autoencoder is not None and "dit" in stages and "autoencoder" not in stages:
+            i = stages.index("dit")
+            stages = (*stages[:i], "autoencoder", *stages[i:])
+        return stages
+
     @property
     def root(self) -> Path:
         """The absolute output root this experiment writes under."""

@@ -61,14 +61,29 @@ DONE = "DONE.json"
 # Per-stage settings that do not change what a stage computes (logging cadence, fault drills).
 _NOT_IDENTITY = ("log_every", "fail_at_step", "fail_mode", "sample_every")
 # The model sections each stage's result depends on. Sampler settings are in none of them.
-_MODEL_PARTS = {"visual": ("visual",), "align": ("visual", "text"), "dit": ("visual", "text", "generator")}
+_MODEL_PARTS = {
+    "visual": ("visual",),
+    "align": ("visual", "text"),
+    "autoencoder": (),  # its own section of the generator's config, alone (stage_identity)
+    "dit": ("visual", "text", "generator"),
+}
 # Sections of the experiment config that change no trained weight: out of the train job's key.
 _NOT_TRAINING = {"tracking", "evaluate", "adherence", "serve"}
-# Settings of the train section that only guard what may run (a refusal), never what it computes.
-_TRAIN_GUARDS = {"min_mask_fraction"}
+# Settings of the train section that only guard what may run (a refusal) or how fast it runs, never what it
+# computes.
+_TRAIN_GUARDS = {"min_mask_fraction", "find_unused_parameters", "cache_conditions"}
 # Data settings added after run names were pinned, left out of every identity while at the default that
 # reproduces what ran before they existed, so adding one renames no one's records or runs.
 _DATA_NEUTRAL_DEFAULTS = {"mask_source": "dataset"}
+
+
+def _model_identity(model: Any) -> dict[str, Any]:
+    """The model section as it enters identities: a generator without a trained autoencoder (the setting
+    added after run names were pinned) keeps the names it had."""
+    dump = model.model_dump(mode="json")
+    if dump["generator"].get("autoencoder") is None:
+        dump["generator"].pop("autoencoder", None)
+    return dump
 
 
 def _data_identity(data: Any) -> dict[str, Any]:
@@ -110,17 +125,20 @@ def stage_identity(
     """Everything that determines a stage's result, and nothing else.
 
     visual: data + model.visual + train.visual + seed; align adds model.text, train.align and the
-    fingerprints of its inputs (the visual export, the text encoder); dit adds model.generator, train.dit
-    and its inputs. Every stage also carries the world size and threads per worker: each rank draws its own
+    fingerprints of its inputs (the visual export, the text encoder); autoencoder: data +
+    model.generator.autoencoder + train.autoencoder + seed; dit adds model.generator, train.dit and its
+    inputs (the trained autoencoder among them). Every stage also carries the world size and threads per worker: each rank draws its own
     noise stream and the thread count changes reduction order, so a 1-worker and a 2-worker run differ.
     """
-    model = cfg.model.model_dump(mode="json")
+    model = _model_identity(cfg.model)
     stage_cfg = getattr(cfg.train, stage).model_dump(mode="json")
     sc = cfg.train.scaling
     return {
         "stage": stage,
         "data": _data_identity(cfg.data),
-        "model": {part: model[part] for part in _MODEL_PARTS[stage]},
+        "model": {part: model[part] for part in _MODEL_PARTS[stage]}
+        if stage != "autoencoder"
+        else {"autoencoder": model["generator"].get("autoencoder")},
         "train": {k: v for k, v in stage_cfg.items() if k not in _NOT_IDENTITY},
         "ingest": cfg.train.ingest,
         "world": {"workers": sc.world_size, "threads_per_worker": sc.threads},
@@ -147,6 +165,9 @@ def job_key(cfg: ExperimentConfig) -> str:
     (scaling is in: it is part of every stage's identity)."""
     dump = cfg.model_dump(mode="json", exclude={**dict.fromkeys(_NOT_TRAINING, True), "train": _TRAIN_GUARDS})
     dump["data"] = _data_identity(cfg.data)
+    dump["model"] = _model_identity(cfg.model)
+    if cfg.model.generator.autoencoder is None:  # no autoencoder stage: its settings change nothing
+        dump["train"].pop("autoencoder")
     return f"{cfg.name}-job-{stable_hash(dump, 12)}"
 
 
@@ -156,7 +177,7 @@ def version_name(cfg: ExperimentConfig, parts: Mapping[str, Path]) -> str:
     return stable_hash(
         {
             "parts": {p: dir_fingerprint(parts[p]) for p in ("visual", "text", "generator")},
-            "model": cfg.model.model_dump(mode="json"),
+            "model": _model_identity(cfg.model),
         },
         12,
     )

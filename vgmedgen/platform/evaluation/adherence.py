@@ -83,6 +83,7 @@ from vgmedgen.platform.datasets.synthderm import (
     style_text_of,
 )
 from vgmedgen.platform.evaluation.config import AdherenceConfig, RulerConfig
+from vgmedgen.platform.evaluation.mosaic import mosaic_index
 from vgmedgen.platform.generation.grid import SwapGrid
 from vgmedgen.platform.generation.sample import generate_samples
 from vgmedgen.platform.training.classify import ClassifierSpec, TrainedNet, fit_classifier, segment
@@ -529,6 +530,8 @@ class AdherenceResult:
         ruler_on_real: the ruler's agreement on real validation records (its own ceiling).
         grid_path: the swap-grid PNG (first seed of every cell), when written.
         samples_path: all sampled images (cells in grid order, seeds side by side), when written.
+        mosaic: the mosaic index (:func:`~vgmedgen.platform.evaluation.mosaic.mosaic_index`) of the samples on
+            the model's patch grid in pixels (``block``), and of real records (``real``) when measured.
     """
 
     agreement: dict[str, float]
@@ -544,6 +547,7 @@ class AdherenceResult:
     ruler_on_real: dict[str, float] | None = None
     grid_path: Path | None = None
     samples_path: Path | None = None
+    mosaic: dict[str, float] | None = None
 
     @property
     def all_passed(self) -> bool:
@@ -569,6 +573,10 @@ class AdherenceResult:
             out.update({k: x for k, x in beside.items() if not k.endswith("_passed")})
         for k, a in (self.ruler_on_real or {}).items():
             out[metric_name(v, k, "ruler_on_real")] = a
+        if self.mosaic is not None:
+            out[f"{v}/mosaic_index"] = self.mosaic["samples"]
+            if "real" in self.mosaic:
+                out[f"{v}/mosaic_index_real"] = self.mosaic["real"]
         return out
 
     def table(self) -> str:
@@ -612,6 +620,13 @@ class AdherenceResult:
             real = ", ".join(f"{k} {a:.2f}" for k, a in self.ruler_on_real.items() if k in MEASURED_FACTORS)
             lines.append("")
             lines.append(f"ruler on real validation records ({int(self.ruler_on_real.get('n', 0))}): {real}")
+        if self.mosaic is not None:
+            real = f", real records {self.mosaic['real']:.2f}" if "real" in self.mosaic else ""
+            lines.append("")
+            lines.append(
+                f"mosaic index on {int(self.mosaic['block'])}-px blocks (the patch grid; 1 = no visible blocks): "
+                f"samples {self.mosaic['samples']:.2f}{real}"
+            )
         return "\n".join(lines)
 
     def payload(self) -> dict[str, Any]:
@@ -630,6 +645,8 @@ class AdherenceResult:
             out["ruler_run"] = str(self.ruler_run)
         if self.ruler_on_real is not None:
             out["ruler_on_real"] = self.ruler_on_real
+        if self.mosaic is not None:
+            out["mosaic"] = self.mosaic
         if self.pseudo_mask is not None:
             out[PSEUDO_MASK] = self.pseudo_mask.payload()
         return out
@@ -835,6 +852,9 @@ def measure_adherence(
     result.pseudo_mask = score(by_mask, row_of, col_of, cfg, colours, PSEUDO_MASK)
     result.ruler_run = ruler.directory
     result.ruler_on_real = ruler_on_real
+    block = patch_block(model)
+    if block is not None and block >= 2:
+        result.mosaic = {"block": block, "samples": mosaic_index(all_images, block)}
     for res in (result, result.pseudo_mask):
         for p, c in zip(res.images, cells):
             p["seed"] = c.seed
@@ -844,6 +864,15 @@ def measure_adherence(
         result.samples_path = grid.save_all(all_images, out_dir / "samples.png")
         write_payload(result, out_dir)
     return result
+
+
+def patch_block(model: VGMedGen) -> int | None:
+    """The side in pixels of the image block one transformer token draws (patch size x autoencoder downscale);
+    None for an image source without a generator (a stand-in that draws real images)."""
+    generator = getattr(model, "generator", None)
+    if generator is None:
+        return None
+    return generator.cfg.backbone.patch_size * generator.downscale
 
 
 def write_payload(result: AdherenceResult, out_dir: Path) -> Path:

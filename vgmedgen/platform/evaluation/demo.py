@@ -34,6 +34,7 @@ from vgmedgen.platform.evaluation.adherence import (
     measure_adherence,
     ruler_accuracy,
     train_ruler,
+    write_payload,
 )
 from vgmedgen.platform.modelcard import record_measurements
 
@@ -136,6 +137,16 @@ def run_demo(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool =
     out_dir = cfg.root / "demo" / cfg.name / summary.model_version.name
     with torch.no_grad():
         result = measure_adherence(model, adh, colours, ruler, out_dir=out_dir, ruler_on_real=on_real)
+    if result.mosaic is not None:  # the same index on real records: what "no visible blocks" measures
+        from vgmedgen.platform.evaluation.mosaic import mosaic_index
+        from vgmedgen.platform.training.data import RecordArrays
+
+        try:
+            real = RecordArrays.load(cfg.records_dir, "val", limit=256)
+        except ValueError:
+            real = RecordArrays.load(cfg.records_dir, "train", limit=256)
+        result.mosaic["real"] = mosaic_index(real.images.float(), int(result.mosaic["block"]))
+        write_payload(result, out_dir)
     t_adh = time.perf_counter() - t2
     card = _record_on_card(cfg, summary.model_version, result, out_dir)
     if summary.mlflow_run_id and summary.tracking_uri:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -10,10 +11,25 @@ from vgmedgen.model.configbase import StrictConfig
 
 __all__ = ["STAGES", "ScalingOptions", "StageTrainConfig", "TrainConfig", "check_batch_shares"]
 
-STAGES = ("visual", "align", "dit")
+# Every stage, in the order they run. The autoencoder stage runs only for a generator that diffuses the latents
+# of an autoencoder trained on the dataset (model.generator.autoencoder); it needs neither visual nor align.
+STAGES = ("visual", "align", "autoencoder", "dit")
 # The validation metric (``<stage>/val_<name>``) that ranks each stage's checkpoints, and its better direction.
-STAGE_SCORES = {"visual": ("dice", "max"), "align": ("cos", "max"), "dit": ("loss", "min")}
-Stage = Literal["visual", "align", "dit"]
+STAGE_SCORES = {
+    "visual": ("dice", "max"),
+    "align": ("cos", "max"),
+    "autoencoder": ("psnr", "max"),
+    "dit": ("loss", "min"),
+}
+Stage = Literal["visual", "align", "autoencoder", "dit"]
+# Each stage's optimisation defaults where they differ from StageTrainConfig's; they hold for every field a config
+# leaves out, also when it sets others of the same stage.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "visual": {"lr": 1e-4, "betas": (0.5, 0.999)},
+    "align": {"lr": 1e-4},
+    "autoencoder": {"steps": 400, "batch_size": 64, "lr": 1e-3, "val_every": 100},
+    "dit": {"lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 500},
+}
 
 
 class ScalingOptions(StrictConfig):
@@ -116,7 +132,7 @@ class StageTrainConfig(StrictConfig):
 class TrainConfig(StrictConfig):
     """Which stages run, on what resources, and each stage's optimisation."""
 
-    stages: tuple[Stage, ...] = STAGES
+    stages: tuple[Stage, ...] = ("visual", "align", "dit")
     ingest: Literal["memory", "ray_data"] = Field(
         "memory",
         description="memory: each worker decodes the split once and draws batches that are a pure function of "
@@ -134,21 +150,48 @@ class TrainConfig(StrictConfig):
         "lesion mask (its segmentor learns from them, and prompts state size and position only where one exists); "
         "0 trains on any number, none included.",
     )
+    find_unused_parameters: Literal["auto"] | bool = Field(
+        "auto",
+        description="DDP's search for parameters a step left unused (an extra autograd traversal every step). "
+        "auto: on for visual and align (align's BERT pooler trains no parameter), off for dit, where every "
+        "trainable parameter takes part in every step in every HFFM mode (tests/test_generator.py checks it). "
+        "Set true if a customised generator leaves parameters out of some steps (DDP then says so).",
+    )
+    cache_conditions: bool = Field(
+        True,
+        description="dit: compute the frozen stages' conditions (visual priors, text-encoder outputs) of the "
+        "train split once per worker instead of in every step (memory ingest, when they fit in "
+        "CONDITION_CACHE_MB); the same values either way, a shorter step.",
+    )
     scaling: ScalingOptions = ScalingOptions()
-    visual: StageTrainConfig = StageTrainConfig(lr=1e-4, betas=(0.5, 0.999))
-    align: StageTrainConfig = StageTrainConfig(lr=1e-4)
-    dit: StageTrainConfig = StageTrainConfig(lr=1e-4, weight_decay=1e-2, warmup_steps=500)
+    visual: StageTrainConfig = StageTrainConfig(**STAGE_DEFAULTS["visual"])
+    align: StageTrainConfig = StageTrainConfig(**STAGE_DEFAULTS["align"])
+    autoencoder: StageTrainConfig = StageTrainConfig(**STAGE_DEFAULTS["autoencoder"])
+    dit: StageTrainConfig = StageTrainConfig(**STAGE_DEFAULTS["dit"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults_under_overrides(cls, data: Any) -> Any:
+        """A stage section given in part (``train.dit.steps=100``) keeps the stage's own defaults for the rest."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        for stage, defaults in STAGE_DEFAULTS.items():
+            given = data.get(stage)
+            if isinstance(given, Mapping):
+                data[stage] = {**defaults, **given}
+        return data
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> TrainConfig:
         if not self.stages:
-            raise ValueError("train.stages is empty; name at least one of visual, align, dit")
+            raise ValueError(f"train.stages is empty; name at least one of {', '.join(STAGES)}")
         order = [STAGES.index(s) for s in self.stages]
         if order != sorted(set(order)):
             raise ValueError(
-                f"train.stages must be in the order visual, align, dit without repeats, got {list(self.stages)}"
+                f"train.stages must be in the order {', '.join(STAGES)} without repeats, got {list(self.stages)}"
             )
-        if self.stages[0] != "visual" and self.init_from is None:
+        if self.stages[0] not in ("visual", "autoencoder") and self.init_from is None:
             raise ValueError(
                 f"train.stages starts at '{self.stages[0]}', which needs the earlier stages: set train.init_from to a "
                 "model version directory or registry alias"

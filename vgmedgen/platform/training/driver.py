@@ -102,11 +102,12 @@ def assemble_version(cfg: ExperimentConfig, parts: dict[str, Path]) -> Path:
 
 
 def stage_inputs(stage: str, parts: dict[str, Path]) -> dict[str, Path]:
-    """What ``stage`` consumes of the parts at hand: nothing (visual); the visual export and the text
-    encoder (align); the visual and text exports (dit)."""
-    if stage == "visual":
+    """What ``stage`` consumes of the parts at hand: nothing (visual, autoencoder); the visual export and the
+    text encoder (align); the visual and text exports, and the trained autoencoder when there is one (dit)."""
+    if stage in ("visual", "autoencoder"):
         return {}
-    inputs = {k: v for k, v in parts.items() if k in ("visual", "text")}
+    wanted = ("visual", "text", "autoencoder") if stage == "dit" else ("visual", "text")
+    inputs = {k: v for k, v in parts.items() if k in wanted}
     if stage == "align":
         inputs["text_encoder"] = parts["text_encoder"]
     return inputs
@@ -164,7 +165,7 @@ def train_experiment(
 
                 tracker.client.set_tag(parent, "lesion_masks", mask_line(census))
         results = []
-        for stage in cfg.train.stages:
+        for stage in cfg.train_stages:
             inputs = stage_inputs(stage, parts)
             res = run_stage(cfg, stage, inputs, tracker=tracker, parent_run_id=parent, fresh=fresh)
             parts[PARTS[stage]] = res.export_dir

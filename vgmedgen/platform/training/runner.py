@@ -39,8 +39,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What each stage exports into the model version, and which parts it consumes.
-PARTS = {"visual": "visual", "align": "text", "dit": "generator"}
-NEEDS = {"visual": (), "align": ("visual",), "dit": ("visual", "text")}
+PARTS = {"visual": "visual", "align": "text", "autoencoder": "autoencoder", "dit": "generator"}
+NEEDS = {"visual": (), "align": ("visual",), "autoencoder": (), "dit": ("visual", "text")}
 
 
 class StageInputError(FileNotFoundError):
@@ -137,7 +137,7 @@ def run_stage(
 
     Args:
         cfg: the experiment.
-        stage: "visual", "align" or "dit".
+        stage: "visual", "align", "autoencoder" or "dit".
         inputs: part name -> directory of the earlier stages' exports this stage consumes.
         tracker: a :class:`vgmedgen.platform.tracking.Tracker`, or None to log nowhere.
         parent_run_id: the job's MLflow parent run.
@@ -150,7 +150,10 @@ def run_stage(
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    for part in NEEDS[stage]:
+    needs = NEEDS[stage]
+    if stage == "dit" and cfg.model.generator.autoencoder is not None:
+        needs = (*needs, "autoencoder")
+    for part in needs:
         d = inputs.get(part)
         if d is None or not (Path(d) / "manifest.json").is_file():
             raise StageInputError(

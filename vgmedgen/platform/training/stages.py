@@ -1,4 +1,5 @@
-"""The three stage tasks the shared loop trains: ``visual``, ``align`` and ``dit``.
+"""The stage tasks the shared loop trains: ``visual``, ``align``, ``autoencoder`` (only for a generator that
+diffuses the latents of an autoencoder trained on the dataset) and ``dit``.
 
 Each task owns its modules and its loss; the loop (``loop.py``) owns everything else. Frozen
 inputs (the trained visual encoder for ``align``; visual and text for ``dit``) are loaded from the
@@ -7,6 +8,7 @@ earlier stages' exports and compute conditions per batch under ``no_grad``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +32,12 @@ if TYPE_CHECKING:
 # The generator, VGMedGen and the samplers are imported by the dit task alone: the visual and align stages'
 # workers then import no diffusers (seconds of start-up per worker and stage).
 
-__all__ = ["build_task", "VisualTask", "AlignTask", "DitTask"]
+__all__ = ["build_task", "AlignTask", "AutoencoderTask", "DitTask", "VisualTask"]
+
+log = logging.getLogger(__name__)
 
 VAL_LIMIT = 256  # validation rows held per worker
+CONDITION_CACHE_MB = 1024  # the dit stage's cached conditions per worker, at most (train.cache_conditions)
 
 
 class _LossModule(nn.Module):
@@ -85,9 +90,14 @@ class _Base:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    # Whether DDP must search each step's graph for parameters that took no part (train.find_unused_parameters=auto).
+    find_unused_parameters = True
+
     def wrap_for_ddp(self, prepare: Any) -> None:
+        setting = self.cfg.train.find_unused_parameters
+        find_unused = self.find_unused_parameters if setting == "auto" else setting
         self.loss_module = prepare(
-            self.loss_module, parallel_strategy_kwargs={"find_unused_parameters": True}
+            self.loss_module, parallel_strategy_kwargs={"find_unused_parameters": find_unused}
         )
 
     def train_size(self) -> int:
@@ -218,6 +228,8 @@ class DitTask(_Base):
     """Stage 3: HFFM + PixArt DiT (LoRA or full), EMA, conditions from the frozen stages 1 and 2."""
 
     name = "dit"
+    # Every trainable parameter takes part in every step, in every HFFM mode and dropout draw (tests/test_generator.py).
+    find_unused_parameters = False
 
     def __init__(
         self, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device, world: int = 1
@@ -228,9 +240,10 @@ class DitTask(_Base):
         self.world = world
         self.visual = load_visual(inputs["visual"], cfg.model.visual).to(device).eval().requires_grad_(False)
         self.text = load_text(inputs["text"], cfg.model.text).to(device).eval().requires_grad_(False)
-        self.module: Generator = _seeded(cfg.seed + 2, lambda: build_generator(cfg.model.generator)).to(
-            device
-        )
+        self.module: Generator = _seeded(
+            cfg.seed + 2,
+            lambda: build_generator(cfg.model.generator, autoencoder_dir=inputs.get("autoencoder")),
+        ).to(device)
         self.module.train()
         if cfg.model.generator.hffm.standardize:
             self._init_standardization()
@@ -238,6 +251,8 @@ class DitTask(_Base):
         self.step = 0
         self.objective: Any = None  # a sweep's TrialObjective, measured with every validation
         self.loss_module = _LossModule(self.module, self._terms)
+        self._cache: dict[str, torch.Tensor] | None = None  # the train split's conditions (cache_conditions)
+        self._cache_wanted = cfg.train.cache_conditions
 
     @torch.no_grad()
     def _init_standardization(self) -> None:
@@ -246,7 +261,69 @@ class DitTask(_Base):
         self.module.hffm.anatomy.init_standardization(prior_a)
         self.module.hffm.style.init_standardization(prior_s)
 
+    def train_batch(self, idx: np.ndarray, device: torch.device) -> dict:
+        """The rows ``idx``, with their conditions from the cache when ``train.cache_conditions`` holds."""
+        batch = self.train_data.batch(idx, device)
+        cache = self._condition_cache()
+        if cache is not None:
+            t = torch.as_tensor(idx, dtype=torch.long)
+            mask = cache["text_mask"][t]  # (n, L_max)
+            length = max(int(mask.sum(1).max()), 1)  # the batch's longest caption, as the tokenizer pads it
+            batch["conditions"] = {
+                k: (v[t, :length] if k in ("text_tokens", "text_mask") else v[t]).to(device)
+                for k, v in cache.items()
+            }
+        return batch
+
+    def _condition_cache(self) -> dict[str, torch.Tensor] | None:
+        """The conditions of every train row, computed once (None: switched off or too large to hold).
+
+        The visual and text parts (and the autoencoder, whose posterior moments are kept: the loss draws the
+        latents from them) are frozen and the train images are not augmented, so a row's conditions never
+        change; computing them here instead of in every step leaves each value as the step computed it (up to
+        the order of floating-point sums in a larger batch)."""
+        if self._cache is not None or not self._cache_wanted:
+            return self._cache
+        data, text_cfg = self.train_data, self.cfg.model.text
+        g = self.cfg.model.generator
+        latent = 2 * g.backbone.in_channels * g.backbone.sample_size**2 if self.module.vae is not None else 0
+        per_row = (
+            2 * (text_cfg.anatomy_dim + text_cfg.style_dim)
+            + text_cfg.max_length * (text_cfg.encoder_hidden + 1)
+            + latent
+        )
+        if len(data) * per_row * 4 > CONDITION_CACHE_MB * 2**20:
+            self._cache_wanted = False
+            log.info(
+                "[dit] the conditions of %d train rows would take over %d MB: computed in every step instead",
+                len(data),
+                CONDITION_CACHE_MB,
+            )
+            return None
+        chunks: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(data), 256):
+            chunk = data.batch(np.arange(start, min(start + 256, len(data))), self.device)
+            chunks.append({k: v.cpu() for k, v in self._conditions(chunk).items()})
+        longest = max(c["text_tokens"].shape[1] for c in chunks)
+
+        def padded(v: torch.Tensor) -> torch.Tensor:  # (n, L, ...) -> (n, longest, ...), zeros past the text
+            pad = [0, 0] * (v.ndim - 2) + [0, longest - v.shape[1]]
+            return torch.nn.functional.pad(v, pad)
+
+        self._cache = {
+            k: torch.cat([padded(c[k]) if k in ("text_tokens", "text_mask") else c[k] for c in chunks])
+            for k in chunks[0]
+        }
+        return self._cache
+
     def _conditions(self, batch: dict) -> dict[str, torch.Tensor]:
+        if "conditions" in batch:
+            return batch["conditions"]
+        latent: dict[str, torch.Tensor] = {}
+        if (
+            self.module.vae is not None
+        ):  # the posterior of the frozen autoencoder: latents are drawn in the loss
+            latent["latent_mean"], latent["latent_std"] = self.module.vae.moments(batch["image"])
         with torch.no_grad():
             prior_a, prior_s = self.visual.priors(batch["image"])
             out = self.text(batch["caption"])
@@ -257,6 +334,7 @@ class DitTask(_Base):
             "t_s": out.t_s,
             "text_tokens": out.token_embeds,
             "text_mask": out.attention_mask,
+            **latent,
         }
 
     @staticmethod
@@ -271,6 +349,7 @@ class DitTask(_Base):
             text_mask=c["text_mask"],
             generator=generator,
             step=step,
+            latent_moments=(c["latent_mean"], c["latent_std"]) if "latent_mean" in c else None,
         )
 
     def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -363,6 +442,111 @@ class DitTask(_Base):
         ]
 
 
+class AutoencoderTask(_Base):
+    """The autoencoder whose latents the generator diffuses (``model.generator.autoencoder``): an
+    ``AutoencoderKL`` fitted to the train images with L1 reconstruction plus a small KL term.
+
+    The export is a diffusers ``AutoencoderKL`` directory whose ``scaling_factor`` is 1 / std of the train
+    latents, measured at export (as Stable Diffusion's 0.18215 was), so the diffused latents have unit scale."""
+
+    name = "autoencoder"
+    find_unused_parameters = False  # encoder, both 1x1 convolutions and decoder take part in every step
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        spec = cfg.model.generator.autoencoder
+        if spec is None:
+            raise ValueError("the autoencoder stage needs model.generator.autoencoder")
+        self.spec = spec
+        self.module = _seeded(cfg.seed + 3, spec.build).to(device).train()
+        self.loss_module = _LossModule(self.module, self._terms)
+
+    def _terms(
+        self, model: nn.Module, images: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        posterior = model.encode(images).latent_dist
+        z = posterior.sample(generator=generator)  # (N, c, h, w)
+        recon = model.decode(z).sample  # (N, 3, H, W)
+        l1 = (recon - images).abs().mean((1, 2, 3))  # (N,)
+        kl = posterior.kl()  # (N,)
+        return {"l1": l1, "kl": kl, "total": l1 + self.spec.kl_weight * kl}
+
+    def loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        terms = self.loss_module(batch["image"], generator)
+        return {**terms, "total": terms["total"].mean()}
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Images through the posterior mean and the decoder, clamped to [-1, 1]."""
+        z = self.module.encode(images).latent_dist.mode()
+        return self.module.decode(z).sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.module.eval()
+        psnr, l1, n = 0.0, 0.0, 0
+        for b in self._val_batches(self.cfg.train.autoencoder.val_batches, 64):
+            recon = self.reconstruct(b["image"])
+            mse = (recon - b["image"]).square().mean((1, 2, 3)) / 4  # images span 2: MSE on the [0, 1] scale
+            psnr += float((10 * torch.log10(1 / mse.clamp_min(1e-10))).sum())
+            l1 += float((recon - b["image"]).abs().mean((1, 2, 3)).sum())
+            n += len(b["image"])
+        self.module.train()
+        return {"psnr": psnr / max(n, 1), "l1": l1 / max(n, 1)}
+
+    @torch.no_grad()
+    def _latent_std(self, rows: int = 1024) -> float:
+        """The std of posterior samples of the first ``rows`` train images: what the dit stage diffuses."""
+        data = self._train_data or RecordArrays.load(self.cfg.records_dir, "train", limit=rows)
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        latents = [
+            self.module.encode(data.batch(np.arange(i, min(i + 256, rows, len(data))), self.device)["image"])
+            .latent_dist.sample(generator=g)
+            .flatten()
+            for i in range(0, min(rows, len(data)), 256)
+        ]
+        return float(torch.cat(latents).std())
+
+    def export(self, directory: Path) -> None:
+        from vgmedgen.model.parts import write_manifest
+
+        self.module.eval()
+        std = self._latent_std()
+        self.module.train()
+        self.module.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+        with atomic_directory(directory) as d:
+            self.module.save_pretrained(d)
+            write_manifest(d, {"part": "autoencoder", "latent_std": std})
+
+    def artifacts(self, step: int, directory: Path) -> list[Path]:
+        """Up to 16 validation images (top row) over their reconstructions (bottom row)."""
+        from vgmedgen.platform.visualize import save_grid
+
+        k = min(16, len(self.val_data))
+        if k == 0:
+            return []
+        images = self.val_data.batch(np.arange(k), self.device)["image"]
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            recon = self.reconstruct(images)
+        finally:
+            self.module.train(was_training)
+        path = directory / f"reconstructions_step{step:06d}.png"
+        save_grid(
+            (torch.cat([images, recon]).cpu() + 1) / 2,
+            path,
+            ncol=k,
+            provenance={
+                "stage": self.name,
+                "step": step,
+                "content": "autoencoder reconstructions (bottom row)",
+            },
+            title=f"autoencoder, step {step}: validation images (top) and their reconstructions (bottom)",
+        )
+        return [path]
+
+
 def build_task(
     stage: str, cfg: ExperimentConfig, inputs: dict[str, Path], device: torch.device, rank: int, world: int
 ):
@@ -371,6 +555,8 @@ def build_task(
         return VisualTask(cfg, device)
     if stage == "align":
         return AlignTask(cfg, inputs, device)
+    if stage == "autoencoder":
+        return AutoencoderTask(cfg, device)
     if stage == "dit":
         return DitTask(cfg, inputs, device, world)
     raise ValueError(f"unknown stage {stage!r}")

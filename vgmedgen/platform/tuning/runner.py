@@ -42,7 +42,7 @@ __all__ = ["SweepOutcome", "run_sweep", "upstream_paths", "BEST_ALIAS"]
 log = logging.getLogger(__name__)
 
 BEST_ALIAS = "sweep-best"
-_UPSTREAM = ("visual", "align")
+_UPSTREAM = ("visual", "align", "autoencoder")  # the autoencoder's identity is None-valued without one
 _MAX_PRETRAINED = 16  # distinct upstream configurations trained before the trials; beyond, trials train them
 
 
@@ -60,7 +60,7 @@ class SweepOutcome:
 
 
 def upstream_paths(sweep: Sweep) -> list[str]:
-    """The space paths that change what an upstream stage (visual, align) computes."""
+    """The space paths that change what an upstream stage (visual, align, autoencoder) computes."""
     base = trial_experiment(sweep, {})
     ref = {s: stage_identity(base, s) for s in _UPSTREAM}
     found = []

@@ -94,7 +94,7 @@ def train_upstream(
         parts.update(parts_from(resolve_model(cfg.train.init_from, cfg, tracker=tracker).path))
     parts["text_encoder"] = ensure_text_encoder(cfg)
     results = []
-    for stage in cfg.train.stages:
+    for stage in cfg.train_stages:
         if stage == "dit":
             break
         inputs = stage_inputs(stage, parts)
@@ -116,7 +116,7 @@ def _stage_chain(cfg: ExperimentConfig) -> tuple[dict[str, Path], dict[str, str]
         parts.update(parts_from(resolve_model(cfg.train.init_from, cfg).path))
     parts["text_encoder"] = ensure_text_encoder(cfg)
     names = {}
-    for stage in cfg.train.stages:
+    for stage in cfg.train_stages:
         inputs = stage_inputs(stage, parts)
         if any(not (Path(p) / "manifest.json").is_file() for k, p in inputs.items() if k != "text_encoder"):
             break
@@ -140,7 +140,7 @@ def finished_trial(cfg: ExperimentConfig, trial: str) -> tuple[Path, list[StageR
 
     parts, names = _stage_chain(cfg)
     results = []
-    for stage in cfg.train.stages:
+    for stage in cfg.train_stages:
         run = names.get(stage)
         done = read_done(cfg.root / "runs" / run) if run else None
         if done is None:
