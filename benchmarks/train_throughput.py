@@ -1,6 +1,13 @@
-"""Training throughput of the `demo` preset's dit stage: Ray Train (1 worker) vs the same loop in-process.
+"""Training throughput of the `demo` preset's dit stage: Ray Train (1 worker) vs the same loop in-process, or
+(--compare step) the dit step's layouts on two workers against the step as it was (LAYOUTS).
 
     python benchmarks/train_throughput.py [--steps 30 --batch 32 --threads N --repeats 5]
+    python benchmarks/train_throughput.py --compare step --steps 40 --records 320 --repeats 3
+
+--compare step, measured 2026-12-07 on a 2-core box: the pixel demo model 0.489 -> 0.424 s/step (median of 3 rounds,
+0.89 paired; FLOP/s share 25.6 -> 29.6 %), the latent demo model 0.531 -> 0.482 (0.91, 2 rounds); one worker with
+both threads is no faster (0.503 and 0.524). --records 320 keeps the demo's ratio of train rows to steps, so the
+cache's one-off cost weighs as in `make demo`.
 
 Both runs use the same thread count (Ray sets a worker's threads from its CPUs, so the worker gets
 --threads CPUs and the in-process run torch.set_num_threads(--threads)). Samples/s is measured inside
