@@ -141,10 +141,7 @@ def run_demo(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool =
         from vgmedgen.platform.evaluation.mosaic import mosaic_index
         from vgmedgen.platform.training.data import RecordArrays
 
-        try:
-            real = RecordArrays.load(cfg.records_dir, "val", limit=256)
-        except ValueError:
-            real = RecordArrays.load(cfg.records_dir, "train", limit=256)
+        real = RecordArrays.load_validation(cfg.records_dir, limit=256)
         result.mosaic["real"] = mosaic_index(real.images.float(), int(result.mosaic["block"]))
         write_payload(result, out_dir)
     t_adh = time.perf_counter() - t2

@@ -60,6 +60,14 @@ class RecordArrays:
             labels=table.column("label").to_pylist(),
         )
 
+    @classmethod
+    def load_validation(cls, records_dir: str | Path, limit: int | None = None) -> RecordArrays:
+        """The validation split, or the train split where the records have none."""
+        try:
+            return cls.load(records_dir, "val", limit=limit)
+        except ValueError:
+            return cls.load(records_dir, "train", limit=limit)
+
     def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict:
         """The rows ``idx`` as a batch dict (float tensors on ``device``, texts as lists)."""
         t = torch.as_tensor(idx, dtype=torch.long)

@@ -59,10 +59,7 @@ class _Base:
         self.cfg = cfg
         self.device = device
         self._train_data: RecordArrays | None = None
-        try:
-            self.val_data = RecordArrays.load(cfg.records_dir, "val", limit=VAL_LIMIT)
-        except ValueError:
-            self.val_data = RecordArrays.load(cfg.records_dir, "train", limit=VAL_LIMIT)
+        self.val_data = RecordArrays.load_validation(cfg.records_dir, limit=VAL_LIMIT)
         self.module: nn.Module  # what trains
         self.loss_module: nn.Module
 
@@ -73,15 +70,20 @@ class _Base:
             self._train_data = RecordArrays.load(self.cfg.records_dir, "train")
         return self._train_data
 
+    def _first_train_batches(self, rows: int | None = None, size: int = 256):
+        """The first ``rows`` train rows (all when None) as batches of ``size``, in order: the same rows on every
+        worker."""
+        data = self._train_data or RecordArrays.load(self.cfg.records_dir, "train", limit=rows)
+        n = len(data) if rows is None else min(rows, len(data))
+        for start in range(0, n, size):
+            yield data.batch(np.arange(start, min(start + size, n)), self.device)
+
     @torch.no_grad()
     def _prior_sample(self, visual: nn.Module, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """The visual priors ``(M, A), (M, S)`` of the first ``rows`` training images: the same rows on every
         worker, so DDP replicas start equal (a resumed run then loads its checkpoint over what they set)."""
-        data = self._train_data or RecordArrays.load(self.cfg.records_dir, "train", limit=rows)
-        n = min(rows, len(data))
         pa, ps = [], []
-        for start in range(0, n, 256):
-            b = data.batch(np.arange(start, min(start + 256, n)), self.device)
+        for b in self._first_train_batches(rows):
             a, s = visual.priors(b["image"])
             pa.append(a)
             ps.append(s)
@@ -300,10 +302,7 @@ class DitTask(_Base):
                 CONDITION_CACHE_MB,
             )
             return None
-        chunks: list[dict[str, torch.Tensor]] = []
-        for start in range(0, len(data), 256):
-            chunk = data.batch(np.arange(start, min(start + 256, len(data))), self.device)
-            chunks.append({k: v.cpu() for k, v in self._conditions(chunk).items()})
+        chunks = [{k: v.cpu() for k, v in self._conditions(b).items()} for b in self._first_train_batches()]
         longest = max(c["text_tokens"].shape[1] for c in chunks)
 
         def padded(v: torch.Tensor) -> torch.Tensor:  # (n, L, ...) -> (n, longest, ...), zeros past the text
@@ -497,13 +496,10 @@ class AutoencoderTask(_Base):
     @torch.no_grad()
     def _latent_std(self, rows: int = 1024) -> float:
         """The std of posterior samples of the first ``rows`` train images: what the dit stage diffuses."""
-        data = self._train_data or RecordArrays.load(self.cfg.records_dir, "train", limit=rows)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         latents = [
-            self.module.encode(data.batch(np.arange(i, min(i + 256, rows, len(data))), self.device)["image"])
-            .latent_dist.sample(generator=g)
-            .flatten()
-            for i in range(0, min(rows, len(data)), 256)
+            self.module.encode(b["image"]).latent_dist.sample(generator=g).flatten()
+            for b in self._first_train_batches(rows)
         ]
         return float(torch.cat(latents).std())
 
