@@ -6,8 +6,9 @@ the validation loss, weak trials stopped early by ASHA, shared upstream stages t
 
 --config is a sweep file (configs/sweeps/*.yaml: a base experiment, overrides, the search space over dotted
 config paths, the objective, the search algorithm, the scheduler and the trial budget); the dotted
-overrides after it change the sweep file (e.g. trials=4, objective.metric=val_loss). The whole file is
-checked before any trial starts.
+overrides after it change the sweep file (e.g. trials=4, objective.metric=val_loss), except output_root=,
+which sets the output root as for every job. The whole file is checked before any trial starts, including
+whether the objective and the report can measure the base's dataset.
 
 Running the same command again continues the sweep: finished trials are kept, unfinished ones resume from
 their dit checkpoints, and their MLflow runs continue. --fresh moves the earlier sweep aside. The terminal

@@ -513,3 +513,13 @@ def test_demo_job_takes_adherence_from_the_config_and_rejects_bad_values(capsys)
     )
     assert status == 2
     assert "data.dataset=synthderm" in capsys.readouterr().err
+
+
+def test_the_demo_measures_other_seeds_into_their_own_folder(tmp_path: Path) -> None:
+    from vgmedgen.platform.evaluation.demo import demo_output_dir
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    first = demo_output_dir(load_experiment(demo, [f"output_root={tmp_path}"]), "v1")
+    again = demo_output_dir(load_experiment(demo, [f"output_root={tmp_path}", "adherence.seed=1000"]), "v1")
+    assert first != again and first.parent == again.parent == tmp_path / "demo" / "demo" / "v1"
+    assert again.name == "seed-1000"

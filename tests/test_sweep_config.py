@@ -91,6 +91,35 @@ def test_bad_sweeps_fail_before_any_trial_naming_the_path(tmp_path: Path, fields
         load_sweep(_write(tmp_path, **fields))
 
 
+@pytest.mark.parametrize(
+    ("base", "fields", "words"),
+    [
+        (
+            "busi.yaml",
+            {"objective": {"metric": "adherence"}},
+            "objective adherence reads SynthDerm.*trains on 'busi'",
+        ),
+        ("busi.yaml", {"report": {"adherence": "on"}}, "report.adherence=on reads SynthDerm.*auto or off"),
+        (
+            "tiny.yaml",
+            {"objective": {"metric": "fid"}},
+            "objective fid needs Inception features.*feature_extractor_weights_path.*is not set",
+        ),
+    ],
+)
+def test_a_measure_the_base_cannot_take_fails_when_the_file_is_read(
+    tmp_path: Path, base: str, fields: dict, words: str
+) -> None:
+    path = _write(tmp_path, base=str(REPO / "configs" / base), **fields)
+    with pytest.raises(ConfigError, match=words):
+        load_sweep(path)
+    if base == "busi.yaml":  # auto leaves adherence out on other data rather than failing
+        assert (
+            load_sweep(path, ["report.adherence=auto", "objective.metric=kid"]).config.report.adherence
+            == "auto"
+        )
+
+
 def test_grid_trials_must_be_a_multiple_of_the_grid_points(tmp_path: Path) -> None:
     space = {"train.dit.lr": {"grid": [1e-4, 1e-3]}, "train.dit.warmup_steps": {"grid": [0, 1, 2]}}
     path = _write(tmp_path, space=space, search={"algorithm": "grid"}, trials=4)
@@ -294,5 +323,9 @@ def test_output_root_precedence_is_every_jobs(tmp_path: Path, monkeypatch) -> No
     assert load_sweep(_write(tmp_path, base=str(base))).base.root == tmp_path / "env"
     pinned = load_sweep(_write(tmp_path, base=str(base), overrides=[f"output_root={tmp_path / 'cli'}"]))
     assert pinned.base.root == tmp_path / "cli"
+    # on the sweep's command line, output_root= goes to the base experiment, beside the sweep file's overrides
+    typed = load_sweep(_write(tmp_path, base=str(base)), ["trials=2", f"output_root={tmp_path / 'typed'}"])
+    assert typed.base.root == tmp_path / "typed" and typed.config.trials == 2
+    assert typed.experiment({"train.dit.lr": 1e-3}).root == tmp_path / "typed"  # every trial writes there
     monkeypatch.delenv("VGMEDGEN_OUTPUT_ROOT")
     assert load_sweep(_write(tmp_path, base=str(base))).base.root == tmp_path / "yaml"

@@ -213,6 +213,13 @@ class ExperimentConfig(StrictConfig):
     def records_dir(self) -> Path:
         return self.root / "records" / self.data.records_name
 
+    @property
+    def evaluation_storage(self) -> Path:
+        """Where the networks that measure this dataset's images live (the domain network, the judges, the
+        adherence ruler): trained once per records set, shared by the evaluate job, the demo, the generation
+        scorer and sweeps."""
+        return self.root / "evaluation" / self.data.records_name
+
 
 def resolve_output_root(configured: Path | str | None) -> Path:
     """The absolute output root: the configured value, else ``$VGMEDGEN_OUTPUT_ROOT``, else ``~/vgmedgen``."""

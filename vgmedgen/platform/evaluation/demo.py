@@ -41,7 +41,7 @@ from vgmedgen.platform.modelcard import record_measurements
 if TYPE_CHECKING:
     from vgmedgen.platform.training.driver import TrainSummary
 
-__all__ = ["DemoOutcome", "demo_report", "run_demo"]
+__all__ = ["DemoOutcome", "demo_output_dir", "demo_report", "run_demo"]
 
 
 @dataclass
@@ -94,6 +94,12 @@ def _record_on_card(cfg: ExperimentConfig, version_dir: Path, result: AdherenceR
     )
 
 
+def demo_output_dir(cfg: ExperimentConfig, version: str) -> Path:
+    """Where the demo writes one measurement of model version ``version``: one folder per first seed of the
+    swap grid, so measuring again on other seeds (``adherence.seed=1000``) keeps the earlier images."""
+    return cfg.root / "demo" / cfg.name / version / f"seed-{cfg.adherence.seed}"
+
+
 def run_demo(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool = False) -> DemoOutcome:
     """Train ``cfg`` (or reuse its finished stages), then measure its swap-grid adherence.
 
@@ -122,7 +128,7 @@ def run_demo(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool =
     t_train = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    storage = cfg.root / "evaluation" / cfg.data.records_name
+    storage = cfg.evaluation_storage
     ruler = train_ruler(cfg.records_dir, storage, cfg.data.resolution, adh.ruler)
     import ray
 
@@ -134,7 +140,7 @@ def run_demo(cfg: ExperimentConfig, *, address: str | None = None, fresh: bool =
 
     t2 = time.perf_counter()
     model = VGMedGen.from_pretrained(summary.model_version)
-    out_dir = cfg.root / "demo" / cfg.name / summary.model_version.name
+    out_dir = demo_output_dir(cfg, summary.model_version.name)
     with torch.no_grad():
         result = measure_adherence(model, adh, colours, ruler, out_dir=out_dir, ruler_on_real=on_real)
     if result.mosaic is not None:  # the same index on real records: what "no visible blocks" measures

@@ -183,7 +183,7 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
         run_id = run_id or opened
         connect(address)
         prepare_records(cfg, address=address)
-        storage = cfg.root / "evaluation" / cfg.data.records_name
+        storage = cfg.evaluation_storage
         out_dir = cfg.root / "evaluation" / cfg.name / tag
         report_warnings = [fid_warning] if fid_warning else []
         scalars: dict[str, float] = {}

@@ -425,7 +425,7 @@ class ScorerAssets:
             weights = ev.fidelity.feature_extractor_weights_path
         connect(address)
         # The evaluate job's own domain network (same storage, same run name): trained once, reused after.
-        trained, _ = domain_extractor(cfg, cfg.root / "evaluation" / cfg.data.records_name)
+        trained, _ = domain_extractor(cfg, cfg.evaluation_storage)
         key = scorer_assets_name(
             trained.directory,
             cfg.records_dir,

@@ -243,16 +243,13 @@ def _adherence(
     from vgmedgen.model.configbase import ConfigError
     from vgmedgen.model.vgmedgen import VGMedGen
     from vgmedgen.platform.evaluation.adherence import load_calibration, measure_adherence, train_ruler
+    from vgmedgen.platform.tuning.objective import measure_problem
 
-    if cfg.data.dataset != "synthderm":
-        raise ConfigError(
-            f"report.adherence=on reads SynthDerm's factors, but the sweep trains on '{cfg.data.dataset}'; "
-            "set report.adherence to auto or off"
-        )
+    problem = measure_problem(cfg, report_adherence=True)
+    if problem is not None:
+        raise ConfigError(problem)
     adh = cfg.adherence
-    ruler = train_ruler(
-        cfg.records_dir, cfg.root / "evaluation" / cfg.data.records_name, cfg.data.resolution, adh.ruler
-    )
+    ruler = train_ruler(cfg.records_dir, cfg.evaluation_storage, cfg.data.resolution, adh.ruler)
     colours = load_calibration(cfg.records_dir, adh)
     with torch.no_grad():
         result = measure_adherence(VGMedGen.from_pretrained(version), adh, colours, ruler, out_dir=out_dir)

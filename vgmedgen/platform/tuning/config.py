@@ -348,12 +348,22 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         ConfigError: naming the file, the field or the space path, and what is allowed.
     """
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    # output_root= is the one experiment setting a sweep's command line takes, as every job's does
+    roots = [o for o in overrides or [] if o.split("=", 1)[0].strip() == "output_root"]
+    data = apply_overrides(read_yaml(path), [o for o in overrides or [] if o not in roots])
     config = build_config(SweepConfig, data, where=str(path))
     base_path = (path.parent / config.base).resolve()
-    base_data = experiment_data(base_path, config.overrides)  # the output root's precedence as every job's
+    # the output root's precedence as every job's: output_root= > $VGMEDGEN_OUTPUT_ROOT > the base's YAML
+    base_data = experiment_data(base_path, [*config.overrides, *roots])
     base = build_config(ExperimentConfig, base_data, where=str(base_path))
     resolve_output_root(base.output_root)
+    from vgmedgen.platform.tuning.objective import measure_problem
+
+    problem = measure_problem(
+        base, metric=config.objective.metric, report_adherence=config.report.adherence == "on"
+    )
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem}")
     dump = base.model_dump(mode="json")
     for name, variant in config.variants.items():
         for text in variant:

@@ -29,7 +29,14 @@ import numpy as np
 
 from vgmedgen.model.configbase import ConfigError
 
-__all__ = ["ObjectiveSpec", "TrialObjective", "fixed_requests", "prepare_objective", "score_images"]
+__all__ = [
+    "ObjectiveSpec",
+    "TrialObjective",
+    "fixed_requests",
+    "measure_problem",
+    "prepare_objective",
+    "score_images",
+]
 
 SCORED_METRICS = ("kid", "domain_fd", "fid")
 
@@ -52,6 +59,33 @@ class ObjectiveSpec:
         return cls(**data)
 
 
+def measure_problem(cfg: Any, *, metric: str | None = None, report_adherence: bool = False) -> str | None:
+    """Why experiment ``cfg`` cannot be measured by objective ``metric`` (or, with ``report_adherence``, by
+    the report's adherence swap grid), naming the fix; None when it can. Checked when the sweep file is read,
+    before anything trains, and again where each measure is taken."""
+    dataset = cfg.data.dataset
+    if metric == "adherence" and dataset != "synthderm":
+        return (
+            f"objective adherence reads SynthDerm's size, position and colour factors, but the sweep's base "
+            f"experiment trains on '{dataset}'; use kid or domain_fd for this dataset"
+        )
+    if report_adherence and dataset != "synthderm":
+        return (
+            f"report.adherence=on reads SynthDerm's factors, but the sweep trains on '{dataset}'; "
+            "set report.adherence to auto or off"
+        )
+    if metric == "fid":
+        from vgmedgen.platform.metrics.fidelity import check_inception_weights
+
+        problem = check_inception_weights(cfg.evaluate.fidelity)
+        if problem is not None or cfg.evaluate.fidelity.feature_extractor_weights_path is None:
+            return (
+                "objective fid needs Inception features: set evaluate.fidelity.feature_extractor_weights_path to "
+                f"torch-fidelity's weights file ({problem or 'it is unset'}), or rank by kid / domain_fd"
+            )
+    return None
+
+
 def prepare_objective(
     cfg: Any, metric: str, images: int, seed: int, *, address: str | None = None
 ) -> ObjectiveSpec:
@@ -61,28 +95,16 @@ def prepare_objective(
     Raises:
         ConfigError: ``fid`` without the Inception weights file; ``adherence`` on data other than SynthDerm.
     """
+    problem = measure_problem(cfg, metric=metric)
+    if problem is not None:
+        raise ConfigError(problem)
     if metric == "val_loss":
         return ObjectiveSpec(metric, images, seed)
     if metric == "adherence":
-        if cfg.data.dataset != "synthderm":
-            raise ConfigError(
-                f"objective adherence reads SynthDerm's size, position and colour factors, but the sweep's base "
-                f"experiment trains on '{cfg.data.dataset}'; use kid or domain_fd for this dataset"
-            )
         from vgmedgen.platform.evaluation.adherence import train_ruler
 
-        storage = cfg.root / "evaluation" / cfg.data.records_name
-        ruler = train_ruler(cfg.records_dir, storage, cfg.data.resolution, cfg.adherence.ruler)
+        ruler = train_ruler(cfg.records_dir, cfg.evaluation_storage, cfg.data.resolution, cfg.adherence.ruler)
         return ObjectiveSpec(metric, images, seed, ruler_dir=str(ruler.directory))
-    if metric == "fid":
-        from vgmedgen.platform.metrics.fidelity import check_inception_weights
-
-        problem = check_inception_weights(cfg.evaluate.fidelity)
-        if problem is not None or cfg.evaluate.fidelity.feature_extractor_weights_path is None:
-            raise ConfigError(
-                "objective fid needs Inception features: set evaluate.fidelity.feature_extractor_weights_path to "
-                f"torch-fidelity's weights file ({problem or 'it is unset'}), or rank by kid / domain_fd"
-            )
     from vgmedgen.platform.generation.score import ScorerAssets
 
     assets = ScorerAssets.cached(cfg, cfg.root / "scorer", address=address)
