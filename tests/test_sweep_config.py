@@ -283,6 +283,40 @@ def test_comparison_groups_trials_by_all_but_their_seed_with_mean_and_std(tmp_pa
     )
 
 
+def test_controllability_table_has_a_row_per_judged_factor_and_matched_over_swapped(tmp_path: Path) -> None:
+    from vgmedgen.platform.tuning.compare import summarise, write_controllability
+    from vgmedgen.platform.tuning.report import TrialRow
+
+    def row(variant: str, seed: int, size: float, pigment: float) -> TrialRow:
+        figures = {
+            "control/matched_size": 0.9,
+            "control/swapped_size": size,
+            "control/matched_pigment": 0.8,
+            "control/swapped_pigment": pigment,
+        }
+        return TrialRow(
+            f"s-trial-{variant}{seed}", {"variant": variant, "seed": seed}, "DONE", evaluation=figures
+        )
+
+    groups = summarise(
+        [row("full", 0, 0.7, 0.5), row("full", 1, 0.5, 0.5), row("caption", 0, 0.4, 0.6)],
+        order=["full", "caption"],
+    )
+    paths = write_controllability(groups, tmp_path)
+    assert [p.name for p in paths] == ["controllability.md", "controllability.png"]
+    md = paths[0].read_text().splitlines()
+    assert md[0] == "| factor | full | caption |"
+    assert md[2] == "| size | 0.90 ± 0.00 / **0.60 ± 0.14** | 0.90 ± 0.00 / 0.40 ± 0.00 |"  # anatomy first
+    assert md[3] == "| pigment | 0.80 ± 0.00 / 0.50 ± 0.00 | 0.80 ± 0.00 / **0.60 ± 0.00** |"
+    assert paths[1].stat().st_size > 0
+    assert (
+        write_controllability(
+            summarise([TrialRow("s-trial-x", {"seed": 0}, "DONE", evaluation={"eval/SFD": 1.0})]), tmp_path
+        )
+        == []
+    )
+
+
 def test_stage_lock_serialises_one_stage_run_and_leaves_others_free(tmp_path: Path, monkeypatch) -> None:
     """Concurrent trials that train an upstream stage themselves (a continuous upstream dimension) take the
     stage run's lock: a second trial needing the same run waits; one needing another run does not."""

@@ -14,7 +14,9 @@ last dit step goes through:
 Trials are then grouped by what they were swept over apart from their ``seed`` (for a sweep of variants:
 by variant), and each group gets the mean and standard deviation over its trials of each headline figure:
 ``comparison.csv``, ``comparison.md`` (the best group per column in bold) and ``comparison.png`` (one panel
-per figure, a bar per group with its trials as dots), logged to the sweep's MLflow run. Each trial's
+per figure, a bar per group with its trials as dots), and on SynthDerm the judged controllability of every
+factor under matched and swapped prompts (``controllability.md`` and ``controllability.png``), logged to the
+sweep's MLflow run. Each trial's
 figures are kept in ``sweep.json`` with the report settings they were measured with: a report cut short
 continues where it stopped, and changed ``report.overrides`` measure every trial again.
 """
@@ -45,6 +47,7 @@ __all__ = [
     "group_name",
     "summarise",
     "write_comparison",
+    "write_controllability",
 ]
 
 SEED = "seed"  # the dimension a group's trials differ by
@@ -195,6 +198,86 @@ def _plot(groups: Sequence[GroupSummary], cols: Sequence[Column], path: Path) ->
     return path
 
 
+def _judged_factors(groups: Sequence[GroupSummary]) -> list[str]:
+    """The factors the judges read in any group, in the dataset's order (anatomy, then style)."""
+    from vgmedgen.platform.datasets.synthderm import ANATOMY_FACTORS, STYLE_FACTORS
+
+    present = {
+        k.removeprefix("control/matched_")
+        for g in groups
+        for k in g.values
+        if k.startswith("control/matched_")
+    }
+    return [f for f in (*ANATOMY_FACTORS, *STYLE_FACTORS) if f in present]
+
+
+def write_controllability(groups: Sequence[GroupSummary], directory: Path) -> list[Path]:
+    """Per judged factor and group: the judges' accuracy on matched prompts (train captions) and on swapped
+    ones (anatomy and style from different records), mean +- std over the group's trials, as
+    ``controllability.md`` (a row per factor, a column per group; the best swapped accuracy in bold) and
+    ``controllability.png`` (swapped as bars, matched as open markers). Nothing without judged factors."""
+    factors = _judged_factors(groups)
+    if not factors:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    md_path = directory / "controllability.md"
+
+    def cell(g: GroupSummary, key: str) -> str:
+        mean, std = g.mean(key), g.std(key)
+        return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+    lines = ["| factor | " + " | ".join(g.name for g in groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    for f in factors:
+        best = _best_group(groups, Column(f"control/swapped_{f}", f, "max"))
+        cells = []
+        for g in groups:
+            swapped = cell(g, f"control/swapped_{f}")
+            swapped = f"**{swapped}**" if best == g.name else swapped
+            cells.append(f"{cell(g, f'control/matched_{f}')} / {swapped}")
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The judges' accuracy on each factor: matched prompts (train captions) / swapped prompts (anatomy and "
+        "style from different records); mean ± standard deviation over each group's trials; the best swapped "
+        "accuracy of each factor in bold.",
+    ]
+    md_path.write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(factors) * max(len(groups), 1) / 2.5), 3.6))
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(factors))
+    for i, g in enumerate(groups):
+        offset = x - 0.4 + width * (i + 0.5)
+        swapped = [g.mean(f"control/swapped_{f}") or 0.0 for f in factors]
+        stds = [g.std(f"control/swapped_{f}") or 0.0 for f in factors]
+        matched = [g.mean(f"control/matched_{f}") for f in factors]
+        bars = ax.bar(offset, swapped, width, yerr=stds, capsize=2, label=g.name, alpha=0.75)
+        ax.scatter(
+            offset,
+            [np.nan if m is None else m for m in matched],
+            facecolors="none",
+            edgecolors=bars.patches[0].get_facecolor(),
+            marker="o",
+            s=22,
+            zorder=3,
+        )
+    ax.set_xticks(x, factors, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("judged accuracy")
+    ax.set_title("controllability per factor: swapped prompts (bars), matched prompts (circles)", fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(groups), 5), loc="lower left")
+    fig.tight_layout()
+    png_path = directory / "controllability.png"
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return [md_path, png_path]
+
+
 def _report_experiment(sweep: Sweep, row: TrialRow) -> ExperimentConfig:
     cfg = trial_experiment(sweep, row.values)
     overrides = sweep.config.report.overrides
@@ -289,6 +372,7 @@ def compare_trials(
     paths = write_comparison(groups, cols, directory)
     print(f"[sweep] comparison of {len(groups)} groups over {len(evaluated)} trials: {paths[1]}", flush=True)
     print(paths[1].read_text(), flush=True)
+    paths += write_controllability(groups, directory)
     if tracker is not None and parent_run_id is not None:
         for path in paths:
             tracker.log_artifact(parent_run_id, path, "comparison")
