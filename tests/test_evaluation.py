@@ -104,6 +104,24 @@ def test_downstream_plans_are_generation_policies():
         plan_policy("xy")
 
 
+def test_downstream_scalars_carry_balanced_accuracy_and_macro_f1_per_plan():
+    from vgmedgen.platform.evaluation.downstream import DownstreamResult
+
+    runs = [
+        {"plan": "real", "seed": s, "n_real": 10, "n_synthetic": 0, "balanced_accuracy": b, "macro_f1": f}
+        for s, b, f in ((0, 0.5, 0.4), (1, 0.7, 0.6))
+    ] + [
+        {"plan": "x1", "seed": 0, "n_real": 10, "n_synthetic": 10, "balanced_accuracy": 0.8, "macro_f1": 0.3}
+    ]
+    out = DownstreamResult("classification", runs, seconds=1.0).scalars()
+    assert out["downstream/real_balanced_accuracy"] == pytest.approx(0.6)
+    assert out["downstream/real_macro_f1"] == pytest.approx(0.5)
+    assert out["downstream/real_macro_f1_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert out["downstream/x1_balanced_accuracy_gain"] == pytest.approx(0.2)
+    assert out["downstream/x1_macro_f1_gain"] == pytest.approx(-0.2)
+    assert "downstream/real_macro_f1_gain" not in out  # the baseline has no gain over itself
+
+
 def test_low_data_subset_keeps_val_and_test(records: Path, tmp_path: Path):
     out = subset_records(records, 5, 0, tmp_path)
     full, sub = pq.read_table(records), pq.read_table(out)
@@ -239,6 +257,7 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
     client = MlflowClient(summary.tracking_uri)
     run = client.get_run(reg.run_id)
     assert "eval/SFD" in run.data.metrics and "downstream/real_balanced_accuracy" in run.data.metrics
+    assert "downstream/real_macro_f1" in run.data.metrics
     assert "evaluation/report.json" in [a.path for a in client.list_artifacts(reg.run_id, "evaluation")]
     # the registered version's model card carries the evaluation (and still the training stages)
     card = Path(
