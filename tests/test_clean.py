@@ -241,8 +241,14 @@ def test_dry_run_lists_exactly_the_unreferenced_runs_with_reasons_and_deletes_no
 def test_delete_removes_exactly_the_candidates_and_soft_deletes_their_mlflow_runs(
     scene: Scene, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    locks = {
+        role: scene.root / "runs" / f"{scene.runs[role]}.lock" for role in scene.runs if role != "orphan"
+    }
+    for lock in locks.values():  # the stage locks a sweep's trials leave beside the runs
+        lock.touch()
     rc, out, err = _main(["--config", str(TINY), *scene.overrides, "--delete"], capsys)
     assert rc == 0, err
+    assert {role for role, lock in locks.items() if not lock.exists()} == set(CANDIDATES) & set(locks)
     assert "deleted 4 runs" in out and "4 MLflow runs soft-deleted" in out
     assert f"mlflow gc --backend-store-uri {scene.tracker.uri} --run-ids " in out
     for role in scene.runs:

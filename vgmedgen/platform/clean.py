@@ -646,6 +646,8 @@ def apply_clean(plan: CleanPlan, tracker: Tracker | None) -> CleanReport:
             if e.path is not None:
                 shutil.rmtree(e.path)
                 report.freed += e.size
+                # the stage lock sweeps' trials take beside a run (<run>.lock) goes with it
+                e.path.with_name(e.path.name + ".lock").unlink(missing_ok=True)
             for run_id in e.mlflow_run_ids if tracker is not None else ():  # ids only come with a tracker
                 tracker.client.delete_run(run_id)
                 report.mlflow_deleted.append(run_id)
