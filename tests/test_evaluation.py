@@ -236,6 +236,8 @@ def test_evaluate_job_end_to_end_with_downstream(ray_cluster, output_root: Path,
         "adherence/synthderm/pseudo_mask/size",
         "adherence/synthderm/pseudo_mask/position",
         "control/swapped_pigment",
+        "control/judge_on_real_pigment",
+        "control/chance_pigment",
     } <= set(s)
     runs = report["tables"]["Downstream runs"]
     assert {(r["plan"], r["seed"]) for r in runs} == {

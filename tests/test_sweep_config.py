@@ -291,6 +291,8 @@ def test_controllability_table_has_a_row_per_judged_factor_and_matched_over_swap
         figures = {
             "control/matched_size": 0.9,
             "control/swapped_size": size,
+            "control/judge_on_real_size": 0.97,
+            "control/chance_size": 0.43,
             "control/matched_pigment": 0.8,
             "control/swapped_pigment": pigment,
         }
@@ -305,9 +307,11 @@ def test_controllability_table_has_a_row_per_judged_factor_and_matched_over_swap
     paths = write_controllability(groups, tmp_path)
     assert [p.name for p in paths] == ["controllability.md", "controllability.png"]
     md = paths[0].read_text().splitlines()
-    assert md[0] == "| factor | full | caption |"
-    assert md[2] == "| size | 0.90 ± 0.00 / **0.60 ± 0.14** | 0.90 ± 0.00 / 0.40 ± 0.00 |"  # anatomy first
-    assert md[3] == "| pigment | 0.80 ± 0.00 / 0.50 ± 0.00 | 0.80 ± 0.00 / **0.60 ± 0.00** |"
+    assert md[0] == "| factor | judge on real | chance | full | caption |"
+    assert (
+        md[2] == "| size | 0.97 | 0.43 | 0.90 ± 0.00 / **0.60 ± 0.14** | 0.90 ± 0.00 / 0.40 ± 0.00 |"
+    )  # anatomy 1st
+    assert md[3] == "| pigment | - | - | 0.80 ± 0.00 / 0.50 ± 0.00 | 0.80 ± 0.00 / **0.60 ± 0.00** |"
     assert paths[1].stat().st_size > 0
     assert (
         write_controllability(

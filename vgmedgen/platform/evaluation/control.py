@@ -100,6 +100,10 @@ class ControlResult:
         for f in self.matched:
             out[f"control/matched_{f}"] = self.matched[f]
             out[f"control/swapped_{f}"] = self.swapped[f]
+            # what a judged accuracy is read against: the judge itself on real images, and chance
+            out[f"control/chance_{f}"] = self.chance[f]
+            if f in self.judge_val:
+                out[f"control/judge_on_real_{f}"] = self.judge_val[f]
         for kind, factors in (("anatomy", ANATOMY_FACTORS), ("style", STYLE_FACTORS)):
             out[f"control/swapped_{kind}_mean"] = float(np.mean([self.swapped[f] for f in factors]))
         return out

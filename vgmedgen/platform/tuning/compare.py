@@ -226,10 +226,15 @@ def write_controllability(groups: Sequence[GroupSummary], directory: Path) -> li
         mean, std = g.mean(key), g.std(key)
         return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
-    lines = ["| factor | " + " | ".join(g.name for g in groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    def reference(f: str, what: str) -> str:  # the same judges and prompts for every group: the first found
+        found = [m for g in groups if (m := g.mean(f"control/{what}_{f}")) is not None]
+        return f"{found[0]:.2f}" if found else "-"
+
+    header = ["factor", "judge on real", "chance", *(g.name for g in groups)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for f in factors:
         best = _best_group(groups, Column(f"control/swapped_{f}", f, "max"))
-        cells = []
+        cells = [reference(f, "judge_on_real"), reference(f, "chance")]
         for g in groups:
             swapped = cell(g, f"control/swapped_{f}")
             swapped = f"**{swapped}**" if best == g.name else swapped
@@ -239,7 +244,8 @@ def write_controllability(groups: Sequence[GroupSummary], directory: Path) -> li
         "",
         "The judges' accuracy on each factor: matched prompts (train captions) / swapped prompts (anatomy and "
         "style from different records); mean ± standard deviation over each group's trials; the best swapped "
-        "accuracy of each factor in bold.",
+        "accuracy of each factor in bold. A factor is measured only as well as its judge reads real images "
+        "(judge on real); chance is always answering the most frequent requested value.",
     ]
     md_path.write_text("\n".join(lines) + "\n")
 
