@@ -254,7 +254,7 @@ def write_controllability(groups: Sequence[GroupSummary], directory: Path) -> li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(factors) * max(len(groups), 1) / 2.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(factors)), 4.0))
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(factors))
     for i, g in enumerate(groups):
@@ -272,11 +272,22 @@ def write_controllability(groups: Sequence[GroupSummary], directory: Path) -> li
             s=22,
             zorder=3,
         )
+    for j, f in enumerate(factors):  # what each factor's accuracy reads against
+        for what, style in (("chance", "--"), ("judge_on_real", ":")):
+            found = [m for g in groups if (m := g.mean(f"control/{what}_{f}")) is not None]
+            if found:
+                ax.hlines(found[0], j - 0.45, j + 0.45, colors="black", linestyles=style, linewidth=1)
     ax.set_xticks(x, factors, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("judged accuracy")
-    ax.set_title("controllability per factor: swapped prompts (bars), matched prompts (circles)", fontsize=9)
-    ax.legend(fontsize=7, ncol=min(len(groups), 5), loc="lower left")
+    ax.set_title(
+        "judged accuracy per factor: swapped prompts (bars), matched (circles); "
+        "chance (dashed), the judge on real images (dotted)",
+        fontsize=8,
+    )
+    ax.legend(
+        fontsize=7, ncol=min(len(groups), 5), loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False
+    )
     fig.tight_layout()
     png_path = directory / "controllability.png"
     fig.savefig(png_path, dpi=110)
