@@ -69,6 +69,11 @@ class FidelityConfig(StrictConfig):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def inception_weights_present(self) -> bool:
+        """Whether ``feature_extractor_weights_path`` names an existing file (FID/KID can then run)."""
+        path = self.feature_extractor_weights_path
+        return path is not None and Path(path).expanduser().is_file()
+
     @model_validator(mode="after")
     def _reservoir_holds_a_subset(self) -> FidelityConfig:
         if self.reservoir_size < self.kid_subset_size:

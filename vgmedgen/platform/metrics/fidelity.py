@@ -114,8 +114,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def inception_available(cfg: FidelityConfig) -> bool:
     """Whether ``cfg.feature_extractor_weights_path`` names an existing file."""
-    path = cfg.feature_extractor_weights_path
-    return path is not None and Path(path).expanduser().is_file()
+    return cfg.inception_weights_present()
 
 
 def _missing_weights_message(cfg: FidelityConfig, field_path: str, optional: bool = False) -> str:

@@ -343,7 +343,7 @@ def _adherence(
     from vgmedgen.model.configbase import ConfigError
     from vgmedgen.model.vgmedgen import VGMedGen
     from vgmedgen.platform.evaluation.adherence import load_calibration, measure_adherence, train_ruler
-    from vgmedgen.platform.tuning.objective import measure_problem
+    from vgmedgen.platform.tuning.config import measure_problem
 
     problem = measure_problem(cfg, report_adherence=True)
     if problem is not None:

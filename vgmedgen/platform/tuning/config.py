@@ -52,6 +52,7 @@ from vgmedgen.platform.config import (
     read_yaml,
     resolve_output_root,
 )
+from vgmedgen.platform.evaluation.config import INCEPTION_WEIGHTS_FILE
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -67,6 +68,7 @@ __all__ = [
     "Sweep",
     "SweepConfig",
     "load_sweep",
+    "measure_problem",
 ]
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -341,6 +343,31 @@ def _check_values(
         raise ConfigError(f"{refused}:\n{err}") from None
 
 
+def measure_problem(cfg: Any, *, metric: str | None = None, report_adherence: bool = False) -> str | None:
+    """Why experiment ``cfg`` cannot be measured by objective ``metric`` (or, with ``report_adherence``, by
+    the report's adherence swap grid), naming the fix; None when it can. Checked when the sweep file is read,
+    before anything trains, and again where each measure is taken."""
+    dataset = cfg.data.dataset
+    if metric == "adherence" and dataset != "synthderm":
+        return (
+            f"objective adherence reads SynthDerm's size, position and colour factors, but the sweep's base "
+            f"experiment trains on '{dataset}'; use kid or domain_fd for this dataset"
+        )
+    if report_adherence and dataset != "synthderm":
+        return (
+            f"report.adherence=on reads SynthDerm's factors, but the sweep trains on '{dataset}'; "
+            "set report.adherence to auto or off"
+        )
+    if metric == "fid" and not cfg.evaluate.fidelity.inception_weights_present():
+        path = cfg.evaluate.fidelity.feature_extractor_weights_path
+        state = "it is not set" if path is None else f"{path} does not exist"
+        return (
+            "objective fid needs Inception features: set evaluate.fidelity.feature_extractor_weights_path to "
+            f"torch-fidelity's weights file ({INCEPTION_WEIGHTS_FILE}; {state}), or rank by kid / domain_fd"
+        )
+    return None
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and check a sweep file (plus dotted ``overrides`` of the sweep file itself, e.g. ``trials=4``).
 
@@ -357,8 +384,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base_data = experiment_data(base_path, [*config.overrides, *roots])
     base = build_config(ExperimentConfig, base_data, where=str(base_path))
     resolve_output_root(base.output_root)
-    from vgmedgen.platform.tuning.objective import measure_problem
-
     problem = measure_problem(
         base, metric=config.objective.metric, report_adherence=config.report.adherence == "on"
     )

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 from vgmedgen.model.configbase import ConfigError
+from vgmedgen.platform.tuning.config import measure_problem
 
 __all__ = [
     "ObjectiveSpec",
     "TrialObjective",
     "fixed_requests",
-    "measure_problem",
     "prepare_objective",
     "score_images",
 ]
@@ -57,33 +57,6 @@ class ObjectiveSpec:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ObjectiveSpec:
         return cls(**data)
-
-
-def measure_problem(cfg: Any, *, metric: str | None = None, report_adherence: bool = False) -> str | None:
-    """Why experiment ``cfg`` cannot be measured by objective ``metric`` (or, with ``report_adherence``, by
-    the report's adherence swap grid), naming the fix; None when it can. Checked when the sweep file is read,
-    before anything trains, and again where each measure is taken."""
-    dataset = cfg.data.dataset
-    if metric == "adherence" and dataset != "synthderm":
-        return (
-            f"objective adherence reads SynthDerm's size, position and colour factors, but the sweep's base "
-            f"experiment trains on '{dataset}'; use kid or domain_fd for this dataset"
-        )
-    if report_adherence and dataset != "synthderm":
-        return (
-            f"report.adherence=on reads SynthDerm's factors, but the sweep trains on '{dataset}'; "
-            "set report.adherence to auto or off"
-        )
-    if metric == "fid":
-        from vgmedgen.platform.metrics.fidelity import check_inception_weights
-
-        problem = check_inception_weights(cfg.evaluate.fidelity)
-        if problem is not None or cfg.evaluate.fidelity.feature_extractor_weights_path is None:
-            return (
-                "objective fid needs Inception features: set evaluate.fidelity.feature_extractor_weights_path to "
-                f"torch-fidelity's weights file ({problem or 'it is unset'}), or rank by kid / domain_fd"
-            )
-    return None
 
 
 def prepare_objective(
