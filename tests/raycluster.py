@@ -91,6 +91,12 @@ class HeadNode:
             "RAY_AUTH_TOKEN": token,
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Every TorchTrainer of the suite pays Ray Train's fixed costs: its controller polls the workers every
+            # 2 s (a finished stage is seen up to 2 s late, often later) and starts a preemption watcher actor (a
+            # process of its own; there is no preemptible node here). Measured on the sweep's end-to-end test:
+            # 278 s -> 255 s with both changed.
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         }
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_AUTH_TOKEN_PATH", None)
