@@ -1,6 +1,6 @@
 """A sweep under Ray Tune, end to end at tiny scale: ASHA stops the bad trials early, the upstream stages are
 trained once for all trials, a sweep interrupted after its first trial and started again ends with exactly
-the configured trials (none run twice, no MLflow run duplicated), and best.yaml leads back to the best
+the configured trials (none run twice, the finished one not even started again, no MLflow run duplicated), and best.yaml leads back to the best
 trial's runs, registered as sweep-best only; the comparison report evaluates the trial that trained to the end."""
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ def test_sweep_stops_early_reuses_stages_resumes_and_writes_best(
     assert again.process.wait(400) == 0, again.output()[-4000:]
     out = again.output()
     assert "continuing" in out and "3/3 trials: 1 done, 2 stopped" in out  # the live table
+    # the interrupt saved Tune's state: the trial that had finished is not started again
+    short = good["trial"].rsplit("-", 1)[-1]
+    rerun = [line for line in out.splitlines() if line.startswith(short) and "RUNNING" in line]
+    assert not rerun, out[-3000:]
 
     state = _state(output_root)
     trials = {t["values"]["train.dit.lr"]: t for t in state["trials"]}

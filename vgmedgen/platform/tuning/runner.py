@@ -223,7 +223,7 @@ def run_sweep(
     from vgmedgen.platform.prepare import prepare_records
     from vgmedgen.platform.tracking import RUN_KEY_TAG, Tracker, open_run
     from vgmedgen.platform.training.runner import check_real_records
-    from vgmedgen.platform.tuning.hooks import SweepCallback
+    from vgmedgen.platform.tuning.hooks import SweepCallback, save_experiment_state
     from vgmedgen.platform.tuning.objective import prepare_objective
     from vgmedgen.platform.tuning.space import search_algorithm, tune_space
 
@@ -282,8 +282,10 @@ def run_sweep(
             )
             history = {r.trial_id: r.history for r in state.rows.values() if r.trial_id and r.history}
             # Tuner.restore takes no scheduler, and the pickled one has lost its rungs: set a new one.
-            tuner._local_tuner._tune_config.scheduler = _scheduler(sweep, state.max_t, history)
+            scheduler = _scheduler(sweep, state.max_t, history)
+            tuner._local_tuner._tune_config.scheduler = scheduler
         else:
+            scheduler = _scheduler(sweep, state.max_t, {})
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
@@ -291,7 +293,7 @@ def run_sweep(
                     metric=OBJECTIVE_KEY,
                     mode=cfg.objective.direction,
                     search_alg=search_algorithm(sweep),
-                    scheduler=_scheduler(sweep, state.max_t, {}),
+                    scheduler=scheduler,
                     num_samples=cfg.trials // cfg.grid_points,
                     max_concurrent_trials=cfg.concurrent_trials,
                     time_budget_s=cfg.time_budget_s,
@@ -305,7 +307,13 @@ def run_sweep(
         # its final scoring; without it an interrupt ends the job as every job's does (runs KILLED, exit 130),
         # and the same command continues the sweep.
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): Tune's state as it is now, so the same command does not run again
+            # a trial that finished since Tune's last periodic write.
+            save_experiment_state(scheduler)
+            raise
         _rows_from_results(state, grid)
         rows = sorted(state.rows.values(), key=lambda r: r.name)
         for row in rows:
@@ -336,11 +344,13 @@ def run_sweep(
 
 def _scheduler(sweep: Sweep, max_t: int, history: Mapping[str, list[tuple[int, float]]]) -> Any:
     """ASHA in dit steps, told again what the trials reported before a restart (``history``: Tune trial id ->
-    its reports)."""
+    its reports); first in, first out for ``scheduler.kind: none``. Both keep Tune's controller (the driver
+    saves Tune's state through it when interrupted)."""
+    from vgmedgen.platform.tuning.hooks import ResumedASHA, SweepFIFO
+
     cfg = sweep.config.scheduler
     if cfg.kind == "none":
-        return None
-    from vgmedgen.platform.tuning.hooks import ResumedASHA
+        return SweepFIFO()
 
     return ResumedASHA(
         history,
