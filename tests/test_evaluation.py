@@ -87,6 +87,23 @@ def test_judges_trained_at_tiny_scale_beat_chance_by_a_wide_margin(records: Path
         assert torch.equal(a, b)
 
 
+def test_instruments_are_seeded_by_the_evaluate_config_never_by_the_model_under_test(tmp_path: Path):
+    """Models trained with different seeds are measured with the same domain network and judges (their specs
+    are their run identities); only evaluate.instrument_seed gives other ones."""
+    from vgmedgen.platform.evaluation.driver import domain_spec, judges_of
+
+    def specs(*overrides: str) -> list[dict]:
+        cfg = load_experiment(REPO / "configs/tiny.yaml", [f"output_root={tmp_path}", *overrides])
+        if not cfg.records_dir.exists():
+            write_synthderm(cfg.records_dir, 40)  # the domain network's classes are the train labels
+        return [domain_spec(cfg)[0].model_dump(mode="json"), judges_of(cfg).model_dump(mode="json")]
+
+    trained_with_seed_0 = specs("seed=0")
+    assert specs("seed=5") == trained_with_seed_0
+    other = specs("seed=0", "evaluate.instrument_seed=3")
+    assert [s["seed"] for s in other] == [3, 3] and all(a != b for a, b in zip(other, trained_with_seed_0))
+
+
 def test_segmentation_task_learns_masks(records: Path, tmp_path: Path):
     net = domain_net_config("tiny", kind="segmentation", num_classes=1, input_size=SIZE)
     train = StageTrainConfig(steps=60, batch_size=32, lr=3e-3, checkpoint_every=60, val_every=60)

@@ -149,6 +149,12 @@ class EvaluateConfig(StrictConfig):
     num_images: int = Field(512, ge=2, description="Generated images scored against the reference split.")
     reference_split: str = "test"
     seed: int = 0
+    instrument_seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of the evaluation networks (the domain network, the judges). Never the experiment's "
+        "seed: models trained with different seeds are measured with the same instruments.",
+    )
     sampler: SamplerConfig | None = Field(None, description="Sampler settings (None: the model's own).")
     batch_size: int = Field(64, ge=1, description="Images per generate call.")
     fidelity: FidelityConfig = FidelityConfig()

@@ -28,16 +28,16 @@ from vgmedgen.model.domain_nets import domain_net_config
 from vgmedgen.platform.datasets.synthderm import ANATOMY_FACTORS, FACTORS, STYLE_FACTORS
 from vgmedgen.platform.evaluation.adherence import PSEUDO_MASK, adherence, measure_masks
 from vgmedgen.platform.evaluation.generate import PromptRows, generate
-from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, TrainedNet, fit_classifier, predict
-from vgmedgen.platform.training.config import ScalingOptions, StageTrainConfig
+from vgmedgen.platform.training.classify import ClassifierSpec, HeadSpec, TrainedNet, predict
+from vgmedgen.platform.training.config import StageTrainConfig
 
 __all__ = [
     "ControlResult",
     "anatomy_adherence",
     "judge_heads",
+    "judges_spec",
     "measure_controllability",
     "plot_confusions",
-    "train_judges",
 ]
 
 
@@ -46,17 +46,10 @@ def judge_heads() -> tuple[HeadSpec, ...]:
     return tuple(HeadSpec(name=f, classes=FACTORS[f]) for f in (*ANATOMY_FACTORS, *STYLE_FACTORS))
 
 
-def train_judges(
-    records_dir: Path,
-    storage: Path,
-    *,
-    preset: str,
-    resolution: int,
-    train: StageTrainConfig,
-    seed: int,
-    scaling: ScalingOptions | None = None,
-) -> TrainedNet:
-    """The SynthDerm judges (one network, one head per factor), trained on real train rows (or reused)."""
+def judges_spec(
+    records_dir: Path, *, preset: str, resolution: int, train: StageTrainConfig, seed: int
+) -> ClassifierSpec:
+    """The SynthDerm judges (one network, one head per factor) to train on real train rows."""
     heads = judge_heads()
     net = domain_net_config(
         preset,
@@ -65,8 +58,7 @@ def train_judges(
         input_size=resolution,
         coord_channels=True,  # position is a factor
     )
-    spec = ClassifierSpec(net=net, heads=heads, records_dir=records_dir, train=train, seed=seed)
-    return fit_classifier(spec, storage, "judges", scaling)
+    return ClassifierSpec(net=net, heads=heads, records_dir=records_dir, train=train, seed=seed)
 
 
 @dataclass

@@ -37,9 +37,9 @@ from vgmedgen.platform.config import ExperimentConfig
 from vgmedgen.platform.evaluation.adherence import prompt_vocabulary
 from vgmedgen.platform.evaluation.control import (
     anatomy_adherence,
+    judges_spec,
     measure_controllability,
     plot_confusions,
-    train_judges,
 )
 from vgmedgen.platform.evaluation.downstream import run_downstream
 from vgmedgen.platform.evaluation.generate import load_image_folder, prompt_rows
@@ -84,6 +84,14 @@ def _split_uint8(records_dir: Path, split: str) -> torch.Tensor:
 
 def domain_extractor(cfg: ExperimentConfig, storage: Path):
     """The dataset's domain network (trained on its real train split, reused when unchanged) and its kind."""
+    spec, kind = domain_spec(cfg)
+    return fit_classifier(spec, storage / "nets", f"domain-{kind}", cfg.evaluate.scaling), kind
+
+
+def domain_spec(cfg: ExperimentConfig) -> tuple[ClassifierSpec, str]:
+    """The domain network to train on the real train split (a classifier of the labels, or a segmentor when
+    there is one label) and its kind; seeded with ``evaluate.instrument_seed``, like the judges
+    (:func:`judges_of`), so that it never depends on the model under test."""
     ev = cfg.evaluate
     labels = sorted(set(prompt_rows(cfg.records_dir, "train").labels))
     if len(labels) >= 2:
@@ -98,9 +106,21 @@ def domain_extractor(cfg: ExperimentConfig, storage: Path):
         )
         heads, kind = (), "segmentation"
     spec = ClassifierSpec(
-        net=net, heads=heads, records_dir=cfg.records_dir, train=ev.domain_train, seed=cfg.seed
+        net=net, heads=heads, records_dir=cfg.records_dir, train=ev.domain_train, seed=ev.instrument_seed
     )
-    return fit_classifier(spec, storage / "nets", f"domain-{kind}", ev.scaling), kind
+    return spec, kind
+
+
+def judges_of(cfg: ExperimentConfig) -> ClassifierSpec:
+    """The SynthDerm judges of ``evaluate.controllability``, seeded with ``evaluate.instrument_seed``."""
+    cc = cfg.evaluate.controllability
+    return judges_spec(
+        cfg.records_dir,
+        preset=cc.judge_net,
+        resolution=cfg.data.resolution,
+        train=cc.judge_train,
+        seed=cfg.evaluate.instrument_seed,
+    )
 
 
 def generated_set(
@@ -283,15 +303,7 @@ def evaluate_experiment(cfg: ExperimentConfig, *, address: str | None = None) ->
                 )
             print("[evaluate] judges ...", flush=True)
             cc = ev.controllability
-            judges = train_judges(
-                cfg.records_dir,
-                storage / "nets",
-                preset=cc.judge_net,
-                resolution=cfg.data.resolution,
-                train=cc.judge_train,
-                seed=cfg.seed,
-                scaling=ev.scaling,
-            )
+            judges = fit_classifier(judges_of(cfg), storage / "nets", "judges", ev.scaling)
             weak = {
                 h.name: judges.metrics.get(f"acc_{h.name}")
                 for h in judges.heads
