@@ -158,3 +158,79 @@ def test_sweep_stops_early_reuses_stages_resumes_and_writes_best(
         "comparison/comparison.md",
         "comparison/comparison.png",
     }
+
+
+@pytest.mark.ray_cpus(1)
+def test_an_interrupt_inside_a_tune_step_comes_out_at_its_end_and_the_saved_state_holds(
+    ray_cluster, tmp_path: Path
+):
+    """Ctrl-C in the worst place: inside the driver's ``on_trial_complete``, which Tune calls before it marks
+    the trial TERMINATED (the sweep's callback is slow there: it writes sweep.json and ends MLflow runs).
+    Held to the step's end, the interrupt leaves a state in which the finished trial is finished, and the
+    restored run does not start it again."""
+    import os
+
+    from ray import tune
+    from ray.tune import Callback
+
+    from vgmedgen.platform.tuning.hooks import InterruptAtStepEnd, SweepFIFO, save_experiment_state
+
+    # defined here: Ray pickles it by value (its workers cannot import the tests)
+    def runs_once(config: dict) -> None:
+        with open(config["log"], "a") as f:
+            f.write("ran\n")
+        tune.report({"score": 1.0})
+
+    class CtrlCOnCompletion(Callback):
+        after = None  # the trial's status after the signal: set only when the signal is held, not raised here
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            os.kill(os.getpid(), signal.SIGINT)
+            self.after = trial.status  # Python runs the handler before this line
+
+    log, complete, interrupts = tmp_path / "runs.log", CtrlCOnCompletion(), InterruptAtStepEnd()
+    scheduler = SweepFIFO()
+    tuner = tune.Tuner(
+        tune.with_resources(runs_once, {"cpu": 1}),
+        param_space={"log": str(log)},
+        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler),
+        run_config=tune.RunConfig(
+            name="cut", storage_path=str(tmp_path), callbacks=[complete, interrupts], verbose=0
+        ),
+    )
+    with pytest.raises(KeyboardInterrupt), interrupts:
+        tuner.fit()
+    assert complete.after == "RUNNING" and log.read_text() == "ran\n"  # the signal came inside the step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and the handler is back
+    assert save_experiment_state(scheduler)
+    (state,) = (tmp_path / "cut").glob("experiment_state-*.json")
+    (trial,) = json.loads(state.read_text())["trial_data"]
+    assert json.loads(trial[0])["status"] == "TERMINATED"
+
+    restored = tune.Tuner.restore(
+        str(tmp_path / "cut"), tune.with_resources(runs_once, {"cpu": 1}), resume_unfinished=True
+    )
+    with InterruptAtStepEnd():  # as the sweep fits (else Tune's fit leaves its own Ctrl-C handler behind)
+        grid = restored.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert log.read_text() == "ran\n", "the finished trial ran again"
+    assert [r.metrics["score"] for r in grid] == [1.0]
+
+
+def test_a_second_interrupt_while_one_is_held_comes_out_at_once() -> None:
+    import os
+
+    from vgmedgen.platform.tuning.hooks import InterruptAtStepEnd
+
+    held = InterruptAtStepEnd()
+    with pytest.raises(KeyboardInterrupt), held:
+        os.kill(os.getpid(), signal.SIGINT)
+        after_first = True
+        os.kill(os.getpid(), signal.SIGINT)
+        after_first = False
+    assert after_first
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt), held:  # one held to the end of the block comes out there
+        os.kill(os.getpid(), signal.SIGINT)
+        held_to_the_end = True
+    assert held_to_the_end

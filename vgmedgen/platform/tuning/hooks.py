@@ -1,4 +1,5 @@
-"""The sweep's hooks into Ray Tune: the driver's callback and an ASHA that survives a restore.
+"""The sweep's hooks into Ray Tune: the driver's callbacks, an ASHA that survives a restore, and the state saved
+on an interrupt.
 
 Imported only when a sweep runs (it imports Ray Tune).
 """
@@ -6,15 +7,21 @@ Imported only when a sweep runs (it imports Ray Tune).
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any, Protocol
 
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-__all__ = ["ResumedASHA", "SweepCallback", "SweepFIFO", "save_experiment_state"]
+__all__ = ["InterruptAtStepEnd", "ResumedASHA", "SweepCallback", "SweepFIFO", "save_experiment_state"]
 
 log = logging.getLogger(__name__)
+
+TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # read by Tune's fit() when it starts
 
 
 class TrialSink(Protocol):
@@ -66,16 +73,90 @@ class _KeepsController:
 def save_experiment_state(scheduler: Any) -> bool:
     """Write Tune's experiment state now (trial states as the controller has them); False when there is no
     controller yet or the write failed (logged: the sweep still continues, re-running at most the trials that
-    ended since Tune's last periodic write)."""
+    ended since Tune's last periodic write). Consistent when the interrupt came at a step's end
+    (:class:`InterruptAtStepEnd`)."""
     controller = getattr(scheduler, "controller", None)
     if controller is None:
         return False
+    # Schedulers get the controller behind a wrapper that logs a warning for each attribute it reaches
+    controller = getattr(controller, "_tune_controller", controller)
     try:
-        controller.checkpoint(force=True, wait=True)
+        controller.checkpoint(force=True)
+        # checkpoint() writes the state to the driver's staging folder and copies it to the sweep's folder in a
+        # background process, whatever its `wait` says (Ray 2.60): the job is about to exit, so wait for it.
+        controller._storage.syncer.wait()
     except Exception as exc:  # noqa: BLE001 -- an interrupt is under way: report and let it go on
         log.warning("could not save Tune's experiment state on the interrupt: %s", exc)
         return False
     return True
+
+
+class InterruptAtStepEnd(Callback):
+    """Holds Ctrl-C and SIGTERM while Tune's controller is inside a step, and delivers them (to the handler
+    that was there before) when the step ends.
+
+    Raised wherever it lands, an interrupt leaves Tune's state half-changed: Tune calls the driver's
+    ``on_trial_complete`` before it marks the trial TERMINATED, and the search algorithm counts a new trial
+    before the controller holds it; saved like that, the restored sweep runs a finished trial again or waits
+    forever for one it never gets. A step waits at most 0.1 s for an event, so the interrupt is late by that
+    and the event's handling. A second signal while one is held is delivered at once.
+
+    Use as a context manager around ``Tuner.fit()``, with the same object among the run's callbacks. Inside it
+    Tune's own Ctrl-C handler is off: that one ends ``fit()`` normally with trials unfinished, and the sweep would
+    go on to its final scoring.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._held: int | None = None
+        self._handlers: dict[int, Any] = {}
+        self._tune_handler: str | None = None
+
+    def __reduce__(self) -> Any:
+        return (InterruptAtStepEnd, ())  # Tune pickles its run config; the handlers are this process's
+
+    def __enter__(self) -> InterruptAtStepEnd:
+        self._tune_handler = os.environ.get(TUNE_SIGINT)
+        os.environ[TUNE_SIGINT] = "1"
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not None:  # None: set outside Python, which cannot restore it
+                    self._handlers[signum] = signal.signal(signum, self._hold)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tune_handler is None:
+            os.environ.pop(TUNE_SIGINT, None)
+        else:
+            os.environ[TUNE_SIGINT] = self._tune_handler
+        held = self._restore()
+        if held is not None:  # came after the last step (or an error is on its way out): delivered now
+            self._deliver(held)
+
+    def _restore(self) -> int | None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+        held, self._held = self._held, None
+        return held
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        if self._held is not None:
+            self.on_step_end()
+            return
+        self._held = signum
+
+    def _deliver(self, signum: int) -> None:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handler(signum, None)
+        else:  # the default action (or ignored): as if the signal came now
+            signal.raise_signal(signum)
+
+    def on_step_end(self, *args: Any, **info: Any) -> None:
+        if self._held is not None:
+            self._deliver(self._restore())
 
 
 class SweepFIFO(_KeepsController, FIFOScheduler):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -223,7 +222,7 @@ def run_sweep(
     from vgmedgen.platform.prepare import prepare_records
     from vgmedgen.platform.tracking import RUN_KEY_TAG, Tracker, open_run
     from vgmedgen.platform.training.runner import check_real_records
-    from vgmedgen.platform.tuning.hooks import SweepCallback, save_experiment_state
+    from vgmedgen.platform.tuning.hooks import InterruptAtStepEnd, SweepCallback, save_experiment_state
     from vgmedgen.platform.tuning.objective import prepare_objective
     from vgmedgen.platform.tuning.space import search_algorithm, tune_space
 
@@ -275,6 +274,7 @@ def run_sweep(
         )
         space = tune_space(sweep)
         callback = SweepCallback(state)
+        interrupts = InterruptAtStepEnd()
         if tune.Tuner.can_restore(str(directory)) and (directory / "tuner.pkl").is_file():
             print(f"[sweep] continuing {key}: finished trials are kept, unfinished ones resume", flush=True)
             tuner = tune.Tuner.restore(
@@ -299,16 +299,15 @@ def run_sweep(
                     time_budget_s=cfg.time_budget_s,
                 ),
                 run_config=tune.RunConfig(
-                    name=key, storage_path=str(storage), callbacks=[callback], verbose=0
+                    name=key, storage_path=str(storage), callbacks=[callback, interrupts], verbose=0
                 ),
             )
-        _set_callbacks(tuner, callback)
-        # Tune's own Ctrl-C handler would end fit() normally with trials unfinished, and the sweep would go on to
-        # its final scoring; without it an interrupt ends the job as every job's does (runs KILLED, exit 130),
-        # and the same command continues the sweep.
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        _set_callbacks(tuner, callback, interrupts)
         try:
-            grid = tuner.fit()
+            # An interrupt comes out between two of Tune's steps, never inside one, and ends the job as every
+            # job's does (runs KILLED, exit 130 or 143); the same command continues the sweep.
+            with interrupts:
+                grid = tuner.fit()
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM): Tune's state as it is now, so the same command does not run again
             # a trial that finished since Tune's last periodic write.
@@ -363,12 +362,13 @@ def _scheduler(sweep: Sweep, max_t: int, history: Mapping[str, list[tuple[int, f
     )
 
 
-def _set_callbacks(tuner: Any, callback: Any) -> None:
-    """A restored Tuner keeps the run config it was pickled with; the driver callback is this process's."""
+def _set_callbacks(tuner: Any, *callbacks: Any) -> None:
+    """A restored Tuner keeps the run config it was pickled with; the driver's callbacks are this process's."""
     internal = tuner._local_tuner  # noqa: SLF001 -- Tuner.restore offers no way to pass callbacks
     run_config = internal.get_run_config()
-    others = [c for c in (run_config.callbacks or []) if type(c).__name__ != "SweepCallback"]
-    run_config.callbacks = [*others, callback]
+    mine = {type(c) for c in callbacks}
+    others = [c for c in (run_config.callbacks or []) if type(c) not in mine]
+    run_config.callbacks = [*others, *callbacks]
 
 
 def _rows_from_results(state: _Sweep, grid: Any) -> None:
