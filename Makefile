@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/generate_plan.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/worker_startup.py
+	$(PY) benchmarks/mlflow_store.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vgmedgen jobs tests benchmarks

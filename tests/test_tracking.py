@@ -208,3 +208,40 @@ def test_sigterm_inside_an_mlflow_transaction_ends_the_job_interrupted(tracker: 
     assert run_job(main, []) == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM)" in capsys.readouterr().err
     assert _status(tracker, opened[0]) == "KILLED"
+
+
+def test_a_new_sqlite_store_is_a_copy_of_one_blank_store_per_mlflow_version(tmp_path, monkeypatch) -> None:
+    import mlflow
+
+    from vgmedgen.platform.tracking import blank_store_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = Tracker(TrackingConfig(), tmp_path / "a", "exp")
+    blank = blank_store_path()
+    assert (
+        blank == tmp_path / "cache" / "vgmedgen" / f"mlflow-{mlflow.__version__}-blank.db" and blank.is_file()
+    )
+    second = Tracker(TrackingConfig(), tmp_path / "b", "exp")
+    made = [t.client.get_experiment("0") for t in (first, second)]
+    assert made[0].creation_time == made[1].creation_time  # both copies of the one blank store
+    assert made[1].artifact_location == (tmp_path / "b" / "mlartifacts" / "Default").as_uri()
+    with second.open_run("key", "a run") as run_id:
+        second.client.log_metric(run_id, "loss", 0.5)
+    assert second.client.get_run(run_id).data.metrics == {"loss": 0.5}
+    assert [r.info.run_id for r in first.client.search_runs([first.experiment_id])] == []  # stores apart
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["mlflow.db"]  # no leftover of the copy
+
+
+def test_an_unusable_blank_store_leaves_the_new_store_to_mlflow(tmp_path, monkeypatch) -> None:
+    from vgmedgen.platform.tracking import new_sqlite_store
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert not new_sqlite_store(tmp_path / "x" / "mlflow.db", tmp_path / "x" / "mlartifacts" / "Default")
+    tracker = Tracker(TrackingConfig(), tmp_path / "root", "exp")  # MLflow makes it, as without the cache
+    with tracker.open_run("key", "a run") as run_id:
+        pass
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["mlflow.db"]
