@@ -123,7 +123,8 @@ def blank_store_path() -> Path:
 def new_sqlite_store(db: Path, default_artifacts: Path) -> bool:
     """Create the MLflow sqlite store ``db`` as a copy of a blank one (:func:`blank_store_path`, made once per
     MLflow version): MLflow builds a new store by running every schema migration since its first release,
-    3.6 s on an idle 2-core host and over 10 s beside a running job, against 0.1 s for the copy. The copy's
+    1.1-1.7 s on an idle 2-core host, 3-8 s on a busy one and 11 s inside a sweep job, against 0.05-0.1 s for
+    the copy (benchmarks/mlflow_store.py). The copy's
     ``Default`` experiment keeps its artifacts in ``default_artifacts`` (MLflow would put them under the
     working directory's ``mlruns``).
 
