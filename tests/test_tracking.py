@@ -217,11 +217,15 @@ def test_a_new_sqlite_store_is_a_copy_of_one_blank_store_per_mlflow_version(tmp_
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    older = tmp_path / "cache" / "vgmedgen" / "mlflow-0.9.0-blank.db"  # an earlier MLflow version's
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"")
     first = Tracker(TrackingConfig(), tmp_path / "a", "exp")
     blank = blank_store_path()
     assert (
         blank == tmp_path / "cache" / "vgmedgen" / f"mlflow-{mlflow.__version__}-blank.db" and blank.is_file()
     )
+    assert sorted(p.name for p in blank.parent.iterdir()) == [blank.name]  # the older one removed
     second = Tracker(TrackingConfig(), tmp_path / "b", "exp")
     made = [t.client.get_experiment("0") for t in (first, second)]
     assert made[0].creation_time == made[1].creation_time  # both copies of the one blank store
