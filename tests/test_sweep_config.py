@@ -367,3 +367,37 @@ def test_output_root_precedence_is_every_jobs(tmp_path: Path, monkeypatch) -> No
     assert typed.experiment({"train.dit.lr": 1e-3}).root == tmp_path / "typed"  # every trial writes there
     monkeypatch.delenv("VGMEDGEN_OUTPUT_ROOT")
     assert load_sweep(_write(tmp_path, base=str(base))).base.root == tmp_path / "yaml"
+
+
+def test_comparison_plot_texts_stay_apart_with_the_downstream_figures() -> None:
+    """Every panel title fits its panel and no two titles (nor the figure's own) overlap, with the long
+    downstream labels of the ablation's report (they ran into their neighbours and under the figure title)."""
+    from vgmedgen.platform.tuning.compare import GroupSummary, _figure, columns
+
+    plans = ("balance", "x0.5", "x1", "x2")
+    keys = {"eval/SFD", "eval/SKD", "adherence/synthderm/size", "control/swapped_style_mean"}
+    keys |= {
+        f"downstream/{p}_{m}{g}"
+        for p in plans
+        for m in ("balanced_accuracy", "macro_f1")
+        for g in ("", "_gain")
+    }
+    cols = columns("synthderm", keys)
+    assert len(cols) > 16
+    groups = [
+        GroupSummary(v, [f"{v}{s}" for s in range(3)], {c.key: [0.1, 0.2, 0.3] for c in cols})
+        for v in ("a", "b")
+    ]
+    fig = _figure(groups, cols)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    boxes = [ax.title.get_window_extent(renderer) for ax in axes] + [
+        fig._suptitle.get_window_extent(renderer)
+    ]
+    for ax, box in zip(axes, boxes):
+        panel = ax.get_window_extent(renderer)
+        assert box.x0 >= panel.x0 - 20 and box.x1 <= panel.x1 + 20, ax.get_title()
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)

@@ -167,7 +167,10 @@ def write_comparison(groups: Sequence[GroupSummary], cols: Sequence[Column], dir
     return [csv_path, md_path, _plot(groups, cols, directory / "comparison.png")]
 
 
-def _plot(groups: Sequence[GroupSummary], cols: Sequence[Column], path: Path) -> Path:
+def _figure(groups: Sequence[GroupSummary], cols: Sequence[Column]) -> Any:
+    """One bar panel per figure, four to a row; long titles wrap inside their panel."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +179,9 @@ def _plot(groups: Sequence[GroupSummary], cols: Sequence[Column], path: Path) ->
     n = max(len(cols), 1)
     per_row = min(n, 4)
     nrows = math.ceil(n / per_row)
-    fig, axes = plt.subplots(nrows, per_row, figsize=(3.4 * per_row, 3.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, per_row, figsize=(3.4 * per_row, 3.2 * nrows), squeeze=False, layout="constrained"
+    )
     x = np.arange(len(groups))
     for ax, c in zip(axes.flat, cols):
         means = [g.mean(c.key) for g in groups]
@@ -188,11 +193,18 @@ def _plot(groups: Sequence[GroupSummary], cols: Sequence[Column], path: Path) ->
             vals = g.values.get(c.key, [])
             ax.scatter([i] * len(vals), vals, color="black", s=10, zorder=3)
         ax.set_xticks(x, [g.name for g in groups], rotation=35, ha="right", fontsize=7)
-        ax.set_title(f"{c.label} ({'lower' if c.better == 'min' else 'higher'} is better)", fontsize=8)
+        title = f"{c.label} ({'lower' if c.better == 'min' else 'higher'} is better)"
+        ax.set_title(textwrap.fill(title, 40), fontsize=8)
     for ax in list(axes.flat)[len(cols) :]:
         ax.axis("off")
     fig.suptitle("per group: mean ± std over its trials (dots: each trial)", fontsize=9)
-    fig.tight_layout()
+    return fig
+
+
+def _plot(groups: Sequence[GroupSummary], cols: Sequence[Column], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(groups, cols)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
