@@ -9,7 +9,7 @@ import time
 import pytest
 
 from vgmedgen.platform.cli import Terminated, interrupt_signal, run_job
-from vgmedgen.platform.tracking import Tracker, TrackingConfig, open_run
+from vgmedgen.platform.tracking import Tracker, TrackingConfig, ended_elsewhere_when, open_run
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,31 @@ def test_a_resubmitted_job_reopens_its_interrupted_run_and_finishes_it(tracker: 
     assert _status(tracker, first) == "FINISHED"
     assert [m.step for m in tracker.client.get_metric_history(first, "loss")] == [0, 1]
     assert tracker.find_run("never-opened") is None
+
+
+def test_a_block_whose_work_was_ended_elsewhere_leaves_its_runs_as_that_ended_them(tracker: Tracker) -> None:
+    """A sweep's trial that Ray Tune stopped: the driver ends its runs (FINISHED, the stage KILLED), then the
+    trial's thread unwinds with an error as its actor shuts down; the late unwinding changes nothing."""
+    stopped = False
+    with pytest.raises(RuntimeError, match="controller died"), ended_elsewhere_when(lambda: stopped):
+        with tracker.open_run(key="trial", name="trial") as trial:
+            with tracker.open_run(key="trial-dit", name="dit", parent_id=trial) as dit:
+                tracker.client.set_terminated(trial, status="FINISHED")  # the driver, on the stop
+                tracker.client.set_terminated(dit, status="KILLED")
+                stopped = True
+                raise RuntimeError("controller died")
+    assert (_status(tracker, trial), _status(tracker, dit)) == ("FINISHED", "KILLED")
+
+    # not stopped: a trial's own error ends its runs FAILED as anywhere else
+    with pytest.raises(ValueError), ended_elsewhere_when(lambda: False):
+        with tracker.open_run(key="trial-error", name="trial-error") as failed:
+            raise ValueError("diverged")
+    assert _status(tracker, failed) == "FAILED"
+    # and outside the block the predicate is gone
+    with pytest.raises(ValueError), tracker.open_run(key="after", name="after") as after:
+        stopped = True
+        raise ValueError("after")
+    assert _status(tracker, after) == "FAILED"
 
 
 def test_without_tracking_the_block_runs_with_no_run() -> None:

@@ -4,7 +4,9 @@ A job opens its runs only through :meth:`Tracker.open_run`, a context manager th
 FINISHED when its block completes, KILLED when the block is interrupted (``KeyboardInterrupt``: Ctrl-C,
 and SIGTERM, which :func:`vgmedgen.platform.cli.run_job` turns into
 :class:`~vgmedgen.platform.cli.Terminated`) and FAILED when it raises anything else. A resubmitted job
-finds its run by key and reopens it, so an interrupted run ends FINISHED once its job completes.
+finds its run by key and reopens it, so an interrupted run ends FINISHED once its job completes. Inside
+:func:`ended_elsewhere_when`, a block that raises while its predicate holds leaves its run to the process that
+ended its work (a sweep's driver ends the runs of the trials Ray Tune stopped).
 
 The tracking URI comes from the config, else ``MLFLOW_TRACKING_URI``, else a sqlite store under the
 output root with artifacts beside it (MLflow 3.17 refuses ``file:`` stores). For a multi-node
@@ -18,8 +20,9 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,7 @@ __all__ = [
     "Tracker",
     "TrackingConfig",
     "blank_store_path",
+    "ended_elsewhere_when",
     "flatten",
     "new_sqlite_store",
     "open_run",
@@ -226,7 +230,11 @@ class Tracker:
         try:
             yield run_id
         except BaseException as exc:
-            self._end(run_id, "FAILED" if interrupt_signal(exc) is None else "KILLED")
+            ended_elsewhere = _ENDED_ELSEWHERE.get()
+            if ended_elsewhere is not None and ended_elsewhere():
+                log.info("MLflow run %s: its work was ended from outside; its end is left to that", run_id)
+            else:
+                self._end(run_id, "FAILED" if interrupt_signal(exc) is None else "KILLED")
             raise
         finally:
             _OPEN_RUNS.pop(run_id, None)
@@ -359,6 +367,26 @@ REGISTRY_COPIES = "_registry"  # <output_root>/models/_registry/<name>-v<version
 
 # The runs open in this process (run id -> its tracker), for a job that must leave without unwinding.
 _OPEN_RUNS: dict[str, Tracker] = {}
+
+# Set by ended_elsewhere_when: whether a block unwinding now was ended by another process, which ends its run.
+_ENDED_ELSEWHERE: ContextVar[Callable[[], bool] | None] = ContextVar("vgmedgen_ended_elsewhere", default=None)
+
+
+@contextmanager
+def ended_elsewhere_when(predicate: Callable[[], bool]) -> Iterator[None]:
+    """Within the block (this thread), a run block that raises while ``predicate()`` is true leaves its run's
+    status as it is, instead of ending it FAILED or KILLED.
+
+    For work that another process stops and then ends the runs of: Ray Tune stops a trial ASHA cut short by
+    ending its session, and the trial's thread unwinds later, while its actor shuts down; the sweep's driver
+    gives the trial's runs their end (FINISHED, early-stopped; the dit stage KILLED), and a late FAILED from
+    the unwinding thread would overwrite it.
+    """
+    token = _ENDED_ELSEWHERE.set(predicate)
+    try:
+        yield
+    finally:
+        _ENDED_ELSEWHERE.reset(token)
 
 
 def end_open_runs(status: str = "KILLED") -> list[str]:

@@ -17,7 +17,14 @@ from typing import Any, Protocol
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-__all__ = ["InterruptAtStepEnd", "ResumedASHA", "SweepCallback", "SweepFIFO", "save_experiment_state"]
+__all__ = [
+    "InterruptAtStepEnd",
+    "ResumedASHA",
+    "SweepCallback",
+    "SweepFIFO",
+    "save_experiment_state",
+    "stopped_by_tune",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,15 @@ class SweepCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.sink is not None:
             self.sink.ended(trial, "FAILED")
+
+
+def stopped_by_tune() -> bool:
+    """In a trial's thread: whether Tune has ended this trial's session, which it does when it stops the trial
+    (ASHA, the end of the sweep) before it shuts the trial's actor down. The thread itself learns of it only
+    as it unwinds, its trainer's controller gone with the actor."""
+    from ray.train._internal.session import get_session  # Tune's function-trainable session (Ray 2.60)
+
+    return get_session() is None
 
 
 class _KeepsController:

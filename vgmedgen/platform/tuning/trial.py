@@ -199,8 +199,9 @@ def run_trial(config: dict[str, Any], context: str) -> None:
     """The function Tune runs for each trial (``context``: :meth:`TrialContext.to_json`)."""
     import ray.tune
 
-    from vgmedgen.platform.tracking import Tracker, open_run
+    from vgmedgen.platform.tracking import Tracker, ended_elsewhere_when, open_run
     from vgmedgen.platform.training.driver import stage_inputs
+    from vgmedgen.platform.tuning.hooks import stopped_by_tune
     from vgmedgen.platform.tuning.objective import ObjectiveSpec
 
     ctx = TrialContext(**json.loads(context))
@@ -210,9 +211,13 @@ def run_trial(config: dict[str, Any], context: str) -> None:
     tracker = Tracker(cfg.tracking, cfg.root, cfg.name) if cfg.tracking.enabled else None
     name = trial_name(ctx.sweep_key, values)
     tags = {"sweep": ctx.sweep_key, "trial_id": ray.tune.get_context().get_trial_id(), "job": "sweep-trial"}
-    with open_run(
-        tracker, key=name, name=name.rsplit("-", 1)[1], parent_id=ctx.parent_run_id, tags=tags
-    ) as run:
+    # A trial Tune stopped unwinds only as its actor shuts down: the driver ends its runs, and the thread leaves them.
+    with (
+        ended_elsewhere_when(stopped_by_tune),
+        open_run(
+            tracker, key=name, name=name.rsplit("-", 1)[1], parent_id=ctx.parent_run_id, tags=tags
+        ) as run,
+    ):
         if tracker is not None:
             tracker.log_params(run, values)
         parts, upstream = train_upstream(cfg, tracker, run)
