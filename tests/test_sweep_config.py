@@ -401,3 +401,45 @@ def test_comparison_plot_texts_stay_apart_with_the_downstream_figures() -> None:
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert not a.overlaps(b), (a, b)
+
+
+def test_a_sweep_leaving_before_its_trials_ends_their_running_runs_and_no_others(tmp_path: Path) -> None:
+    """Interrupted, the sweep's driver leaves while a trial trains; Ray ends the trial's actor with the job, and
+    that actor unwinds nothing. The driver ends that trial's run and its dit run KILLED; finished trials and
+    another sweep's running trial keep their status."""
+    from vgmedgen.platform.tracking import RUN_KEY_TAG, Tracker, TrackingConfig
+    from vgmedgen.platform.tuning.runner import _Sweep
+
+    sweep = load_sweep(_write(tmp_path))
+    tracker = Tracker(TrackingConfig(), tmp_path / "root", "sweep-test")
+    client = tracker.client
+
+    def run(name: str, tags: dict[str, str], status: str = "RUNNING") -> str:
+        run_id = client.create_run(
+            tracker.experiment_id, run_name=name, tags={RUN_KEY_TAG: name, **tags}
+        ).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status=status)
+        return run_id
+
+    parent = run("tiny-sweep-k1", {"job": "sweep"})
+    done = run("trial-done", {"sweep": "tiny-sweep-k1", "mlflow.parentRunId": parent}, "FINISHED")
+    done_dit = run("dit-done", {"mlflow.parentRunId": done}, "FINISHED")
+    training = run("trial-training", {"sweep": "tiny-sweep-k1", "mlflow.parentRunId": parent})
+    training_dit = run("dit-training", {"mlflow.parentRunId": training})
+    elsewhere = run("trial-of-another-sweep", {"sweep": "tiny-sweep-k2"})
+
+    state = _Sweep(sweep, "tiny-sweep-k1", tmp_path / "sweeps", tracker, parent)
+    assert sorted(state.end_unfinished("KILLED")) == sorted([training, training_dit])
+    status = {
+        r: client.get_run(r).info.status for r in (parent, done, done_dit, training, training_dit, elsewhere)
+    }
+    assert status == {
+        parent: "RUNNING",  # the driver's own run: its open_run block ends it
+        done: "FINISHED",
+        done_dit: "FINISHED",
+        training: "KILLED",
+        training_dit: "KILLED",
+        elsewhere: "RUNNING",
+    }
+    assert state.end_unfinished("KILLED") == []  # nothing left running: a second call changes nothing

@@ -175,6 +175,34 @@ class _Sweep:
         elif status == "RUNNING" and row.state in ("DONE", "ERROR"):
             client.set_terminated(run, status="FINISHED" if row.state == "DONE" else "FAILED")
 
+    def end_unfinished(self, status: str) -> list[str]:
+        """End this sweep's trial runs still RUNNING in MLflow, and their stage runs still RUNNING, with
+        ``status`` (KILLED on an interrupt, FAILED on an error); returns the run ids ended.
+
+        For the driver on its way out of Tune before its trials: Ray ends their actors with the job, and an
+        actor ended so unwinds nothing, so no one else would end those runs. The same command continuing the
+        sweep reopens them. A failure here is logged, never raised: the interrupt or error goes on out."""
+        if self.tracker is None:
+            return []
+        client, experiment = self.tracker.client, [self.tracker.experiment_id]
+        ended: list[str] = []
+        try:
+            running = "attributes.status = 'RUNNING'"
+            for trial in client.search_runs(experiment, f"tags.sweep = '{self.key}' and {running}"):
+                trial_id = trial.info.run_id
+                for stage in client.search_runs(
+                    experiment, f"tags.mlflow.parentRunId = '{trial_id}' and {running}"
+                ):
+                    client.set_terminated(stage.info.run_id, status=status)
+                    ended.append(stage.info.run_id)
+                client.set_terminated(trial_id, status=status)
+                ended.append(trial_id)
+        except Exception as exc:  # noqa: BLE001 -- on the way out of an interrupt or error: report, go on
+            log.warning(
+                "could not end the MLflow runs of the sweep's unfinished trials (%s): %s", status, exc
+            )
+        return ended
+
     def show(self, force: bool = False) -> None:
         text = live_table(
             list(self.rows.values()), self.sweep.config.objective.metric, self.sweep.config.trials, self.max_t
@@ -218,6 +246,7 @@ def run_sweep(
     """
     from ray import tune
 
+    from vgmedgen.platform.cli import interrupt_signal
     from vgmedgen.platform.cluster import connect
     from vgmedgen.platform.prepare import prepare_records
     from vgmedgen.platform.tracking import RUN_KEY_TAG, Tracker, open_run
@@ -308,10 +337,12 @@ def run_sweep(
             # job's does (runs KILLED, exit 130 or 143); the same command continues the sweep.
             with interrupts:
                 grid = tuner.fit()
-        except BaseException:
+        except BaseException as exc:
             # Interrupted (Ctrl-C, SIGTERM): Tune's state as it is now, so the same command does not run again
-            # a trial that finished since Tune's last periodic write.
+            # a trial that finished since Tune's last periodic write; the unfinished trials' runs end as the
+            # job's own do.
             save_experiment_state(scheduler)
+            state.end_unfinished("FAILED" if interrupt_signal(exc) is None else "KILLED")
             raise
         _rows_from_results(state, grid)
         rows = sorted(state.rows.values(), key=lambda r: r.name)
