@@ -274,6 +274,25 @@ class Tracker:
         except Exception as exc:  # an unreachable tracking server must not hide the job's own error
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
 
+    def end_running(self, filter_string: str, status: str) -> list[str]:
+        """End the RUNNING runs that ``filter_string`` finds, and their RUNNING nested runs first, with ``status``;
+        returns the ids ended. For runs whose process went without ending them. Never raises (as :meth:`_end`):
+        it runs on the way out of an interrupt or error, which must go on out."""
+        running = "attributes.status = 'RUNNING'"
+        ended: list[str] = []
+        try:
+            for run in self.client.search_runs([self.experiment_id], f"{filter_string} and {running}"):
+                run_id = run.info.run_id
+                nested = f"tags.mlflow.parentRunId = '{run_id}' and {running}"
+                for child in self.client.search_runs([self.experiment_id], nested):
+                    self._end(child.info.run_id, status)
+                    ended.append(child.info.run_id)
+                self._end(run_id, status)
+                ended.append(run_id)
+        except Exception as exc:  # noqa: BLE001 -- an unreachable store must not hide why the job is leaving
+            log.warning("could not end the MLflow runs found by %s (%s): %s", filter_string, status, exc)
+        return ended
+
     def retire(self, key: str, new_key: str) -> None:
         """Re-tag the runs found by ``key`` with ``new_key``, so that :meth:`open_run` starts a new one for ``key``."""
         for run in self.client.search_runs(

@@ -184,24 +184,7 @@ class _Sweep:
         sweep reopens them. A failure here is logged, never raised: the interrupt or error goes on out."""
         if self.tracker is None:
             return []
-        client, experiment = self.tracker.client, [self.tracker.experiment_id]
-        ended: list[str] = []
-        try:
-            running = "attributes.status = 'RUNNING'"
-            for trial in client.search_runs(experiment, f"tags.sweep = '{self.key}' and {running}"):
-                trial_id = trial.info.run_id
-                for stage in client.search_runs(
-                    experiment, f"tags.mlflow.parentRunId = '{trial_id}' and {running}"
-                ):
-                    client.set_terminated(stage.info.run_id, status=status)
-                    ended.append(stage.info.run_id)
-                client.set_terminated(trial_id, status=status)
-                ended.append(trial_id)
-        except Exception as exc:  # noqa: BLE001 -- on the way out of an interrupt or error: report, go on
-            log.warning(
-                "could not end the MLflow runs of the sweep's unfinished trials (%s): %s", status, exc
-            )
-        return ended
+        return self.tracker.end_running(f"tags.sweep = '{self.key}'", status)
 
     def show(self, force: bool = False) -> None:
         text = live_table(
